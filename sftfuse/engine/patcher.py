@@ -9,7 +9,8 @@ original signature (`__signature__`), because HF Trainer, TRL and `generate()` i
 
 The swaps:
 - loss: a `*ForCausalLM` of a family in `sftfuse.engine.families.FAMILIES`. When called in training mode
-  (`model.training`) with `labels` (or pre-shifted `shift_labels`), the patched forward runs the family's own
+  (`model.training`) with `labels` (scored as HF does: shifted, or the pre-shifted `shift_labels` when passed
+  too), the patched forward runs the family's own
   decoder with the same arguments, then calls the lm_head *module* with the last hidden state and the labels, and
   the head (patched too) returns `linear_cross_entropy(hidden, head.weight, labels, shift_labels=True, softcap=...,
   logit_scale=..., num_items_in_batch=...)` instead of logits: the output has `loss` and `logits=None`. Going
@@ -34,7 +35,8 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,11 +99,11 @@ def _uninstall(module: nn.Module) -> bool:
 def _causal_lm_forward(model, original, state, *args, **kwargs):
     if not model.training or kwargs.get("fused_lm_head") or kwargs.get("return_dict") is False:
         return original(*args, **kwargs)
-    call = dict(zip(state["arg_names"], args))
+    call = dict(zip(state["arg_names"], args, strict=False))
     call.update(kwargs)
     labels, shift = call.pop("labels", None), call.pop("shift_labels", None)
     keep = call.pop("logits_to_keep", 0)
-    if (labels is None and shift is None) or not (keep is None or (isinstance(keep, int) and keep == 0)):
+    if labels is None or not (keep is None or (isinstance(keep, int) and keep == 0)):
         return original(*args, **kwargs)
     n_items = call.pop("num_items_in_batch", None)
     ignore_index = call.pop("ignore_index", -100)
