@@ -122,6 +122,18 @@ def train(model, batches: list[list[dict]], steps=STEPS):
     return torch.tensor(losses, dtype=torch.float64), adapters
 
 
+def count_calls(monkeypatch, name: str) -> list:
+    """Count calls of `functions.<name>` (proves a test went through the fused path)."""
+    calls, fn = [], getattr(functions, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("num_items_in_batch"))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(functions, name, counted)
+    return calls
+
+
 def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -282,12 +294,13 @@ def test_unsupported_family_strict_and_generic():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_hf_trainer_same_losses(tmp_path):
+def test_hf_trainer_same_losses(tmp_path, monkeypatch):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
     rows = [{k: v[i].tolist() for k, v in sft_batch(seed=s).items()} for s in range(6) for i in range(2)]
     ds = Dataset.from_list(rows)
+    calls = count_calls(monkeypatch, "linear_cross_entropy")
     losses = []
     for patched in (False, True):
         model = lora_model("llama")
@@ -300,6 +313,7 @@ def test_hf_trainer_same_losses(tmp_path):
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert len(losses[0]) == 3
+    assert len(calls) == 6 and all(n is not None for n in calls)  # 3 steps x 2 micro-batches, Trainer's token count
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
 
 
@@ -314,7 +328,8 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
 
 
-def test_trl_sft_trainer_same_losses(tmp_path):
+def test_trl_sft_trainer_same_losses(tmp_path, monkeypatch):
+    """TRL 1.16 computes the SFT loss with its own fused head; our LoRA swap runs underneath it."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -324,6 +339,7 @@ def test_trl_sft_trainer_same_losses(tmp_path):
         return " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g).tolist())
 
     ds = Dataset.from_list([{"prompt": words(6 + i % 5), "completion": words(8 + i % 3)} for i in range(12)])
+    calls = count_calls(monkeypatch, "lora_linear")
     losses = []
     for patched in (False, True):
         model = lora_model("qwen3")
@@ -338,7 +354,7 @@ def test_trl_sft_trainer_same_losses(tmp_path):
         if patched:  # TRL wrapped our forward with its fused head: unpatching switches ours off underneath
             unpatch_model(model)
             assert not any(is_patched(m) for m in model.modules())
-    assert len(losses[0]) == 3
+    assert len(losses[0]) == 3 and len(calls) >= 3 * 2 * 14  # steps x micro-batches x LoRA layers
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
 
 
