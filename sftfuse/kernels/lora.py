@@ -51,20 +51,28 @@ def dropout_threshold(p: float) -> int:
     return min(round(p * 2.0**32), (1 << 32) - 1) - (1 << 31)
 
 
-def dropout_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> torch.Tensor:
-    """Keep mask (rows, cols), bool, of dropout probability `p`: a pure function of (seed, row, column).
-
-    Per-row and per-column keys are fully mixed once; each element mixes key_row + key_col with
-    multiply / xor-shift / multiply in wrapping int32 (six cheap vector ops per element on CPU). The Triton
-    kernels compute the same bits in registers (`_keep_tile`), so a forward and its backward agree on both paths.
-    """
+def _hash32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
+    """int32 (rows, cols) hash of (seed, row, col): key_row + key_col, multiply, xor-shift, multiply (wrapping)."""
     rk = _keys32(rows, seed, _C1, 0, device).to(torch.int32)
     ck = _keys32(cols, seed, _C4, 0x165667B1, device).to(torch.int32)
     h = rk[:, None] + ck[None, :]
     h.mul_(_signed32(_C1))
-    h.bitwise_xor_((h >> 15) & 0x1FFFF)  # logical shift on int32
-    h.mul_(_signed32(_C2))
-    return h >= dropout_threshold(p)
+    h.bitwise_xor_(h >> 15)  # arithmetic shift on int32, as in the kernels
+    return h.mul_(_signed32(_C2))
+
+
+def dropout_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> torch.Tensor:
+    """Keep mask (rows, cols), bool, of dropout probability `p`: a pure function of (seed, row, column).
+
+    Per-row and per-column keys are fully mixed once; each element mixes key_row + key_col with multiply /
+    xor-shift / multiply in wrapping int32 (five vector ops per element on CPU). The Triton kernels compute the
+    same bits in registers (`_keep_tile`), so a forward and its backward agree, on both paths.
+    """
+    return _hash32(seed, rows, cols, device) >= dropout_threshold(p)
+
+
+def _drop_mask(seed, rows, cols, p, device):
+    return _hash32(seed, rows, cols, device) < dropout_threshold(p)  # the complement, saving a logical-not pass
 
 
 def new_seed() -> int:
@@ -99,8 +107,8 @@ def _dense(base) -> torch.Tensor | None:
 
 
 def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
-    keep = dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) if p > 0 else None
-    xa = x if keep is None else x.masked_fill(~keep, 0)
+    drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
+    xa = x if drop is None else x.masked_fill(drop, 0)
     t = xa @ A.T  # (M, r)
     if p > 0:
         t.mul_(1.0 / (1.0 - p))
@@ -116,7 +124,7 @@ def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
 
 
 def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
-    keep = dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) if p > 0 else None
+    drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
     u = dy @ B  # (M, r)
     dx = None
     if need_dx:
@@ -127,11 +135,11 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
             dx = nf4_matmul_bwd(dy, base)
         else:
             dx = dy @ W
-        if keep is None:
+        if drop is None:
             dx.addmm_(u, A, alpha=s)
         else:
-            dx.add_((u @ A).masked_fill_(~keep, 0), alpha=s / (1.0 - p))
-    xa = x if keep is None else x.masked_fill(~keep, 0)
+            dx.add_((u @ A).masked_fill_(drop, 0), alpha=s / (1.0 - p))
+    xa = x if drop is None else x.masked_fill(drop, 0)
     dA = torch.mm(u.T, xa).mul_(s / (1.0 - p))  # (r, K)
     dB = torch.mm(dy.T, t).mul_(s)  # (N, r)
     return dx, dA, dB
