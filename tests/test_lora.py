@@ -37,6 +37,8 @@ def _run(x, W, A, B, s, bias, p, dy):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_lora_linear_matches_fp64(backend, shape, bias, p, dtype):
     M, K, N, r = shape
+    if backend == "triton" and not torch.cuda.is_available() and K > 128:
+        pytest.skip("the interpreter takes ~10 s at 576 wide; the small shapes cover the same tiles")
     x = randn(M, K, dtype=dtype, requires_grad=True)
     W = randn(N, K, dtype=dtype, scale=K**-0.5)
     A = randn(r, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
@@ -73,7 +75,7 @@ def test_dropout_mask_is_a_function_of_the_seed():
 
 def test_dropout_expectation_over_seeds(backend):
     """E over masks of the dropped-out output is the output without dropout (inverted-dropout scaling)."""
-    M, K, N, r, p, n = 6, 24, 10, 4, 0.5, 300
+    M, K, N, r, p, n = 6, 24, 10, 4, 0.5, 120
     x, W, A, B = randn(M, K), randn(N, K), randn(r, K), randn(N, r)
     ys = torch.stack([lora_linear(x, W, A, B, 1.0, dropout=p) for _ in range(n)]).double()
     y0 = lora_linear_ref(x, W, A, B, 1.0, upcast=True)
@@ -170,3 +172,19 @@ def test_matches_peft_lora_layer(backend, rslora, bias):
     assert_close(y.detach(), y_ref.detach().double(), name="y")
     for name, a, b in zip(("dx", "dA", "dB"), g, g_ref):
         assert_close(a, b.double(), name=name)
+
+
+def test_frozen_input_gets_no_grad_and_adapters_still_train(backend):
+    """x without grad (the first layer's input): the dx kernel is skipped, dA and dB still match the reference."""
+    x, W = randn(21, 40), randn(24, 40)
+    A, B = randn(8, 40, requires_grad=True), randn(24, 8, requires_grad=True)
+    dy = randn(21, 24)
+    torch.manual_seed(5)
+    dA, dB = torch.autograd.grad(lora_linear(x, W, A, B, 1.5, dropout=0.2), (A, B), dy)
+    torch.manual_seed(5)
+    keep = dropout_mask(new_seed(), 21, 40, 0.2)
+    A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    ref = torch.autograd.grad(lora_linear_ref(x, W, A64, B64, 1.5, keep=keep, p=0.2, upcast=True), (A64, B64),
+                              dy.double())
+    assert_close(dA, ref[0], name="dA")
+    assert_close(dB, ref[1], name="dB")
