@@ -164,8 +164,7 @@ def write_splits(out: Path, **kw) -> dict[str, int]:
     counts = {}
     for split, rows in make_splits(**kw).items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
         counts[split] = len(rows)
     return counts
 

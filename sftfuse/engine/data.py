@@ -67,6 +67,18 @@ def bundled_path(split: str) -> Path:
     return Path(__file__).resolve().parents[1] / "data" / names[split]
 
 
+def default_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer: from the model cache when present, else through load_default_model."""
+    from transformers import AutoTokenizer
+
+    from sftfuse.engine.models import cache_dir, load_default_model
+
+    cached = cache_dir() / "SmolLM2-135M-Instruct"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    return load_default_model()[1]
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 def _records(path: Path):
@@ -85,7 +97,7 @@ def _records(path: Path):
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield f"line {i}", json.loads(line)
+                        yield f"line {i}", json.loads(line.rstrip("\r\n"))
                     except json.JSONDecodeError as e:
                         yield f"line {i}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
     elif suffix == ".json":

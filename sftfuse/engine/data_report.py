@@ -95,9 +95,9 @@ class DataReport:
     def summary_lines(self) -> list[str]:
         p = self.length_percentiles
         lines = [
-            f"data: {self.path} ({self.fmt}): {self.rows} rows, {self.tokens:,} tokens "
+            (f"data: {self.path} ({self.fmt}): {self.rows} rows, {self.tokens:,} tokens "
             f"({self.response_tokens:,} trained), length p50 {p.get('p50')} / p95 {p.get('p95')} / "
-            f"max {p.get('max')} tokens",
+            f"max {p.get('max')} tokens"),
         ]
         if self.val_rows is not None:
             lines.append(f"validation: {self.val_rows} rows, {self.val_overlap_rows} overlap training")
