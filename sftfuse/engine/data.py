@@ -236,7 +236,7 @@ def normalize_record(rec, fmt: str) -> dict:
         row = {"text": _field(rec, "text")}
     else:
         raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
-    if rec.get("family") is not None:
+    if rec.get("family") not in (None, ""):  # an empty CSV cell means no family
         row["family"] = str(rec["family"])
     for extra in ("answer",):  # kept for task checkers
         if extra in rec:
