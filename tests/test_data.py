@@ -121,7 +121,7 @@ def test_bad_row_names_file_and_line(tmp_path, case):
     good = ('{"prompt": "p", "completion": "c"}' if case in BAD else
             '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}')
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([good, good, bad, good]) + "\n")
+    path.write_text(f"{good}\n{good}\n{bad}\n{good}\n")
     with pytest.raises(data.DataError) as e:
         data.read_rows(path)
     assert f"{path}:line 3: " in str(e.value) and words in str(e.value)
@@ -273,7 +273,7 @@ def test_collate_unpacked_pads_right(tok):
 
 
 def test_quality_report_counts_on_crafted_file(tmp_path, tok):
-    chat = lambda u, a: {"messages": [{"role": "user", "content": u}] + ([{"role": "assistant", "content": a}]  # noqa: E731
+    chat = lambda u, a: {"messages": [{"role": "user", "content": u}] + ([{"role": "assistant", "content": a}]
                                                                           if a is not None else [])}
     records = [
         chat("What is 2+2?", "4"),
