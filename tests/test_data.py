@@ -332,3 +332,23 @@ def test_bundled_dataset_shape():
     assert len(tasks.FAMILY_NAMES) >= 8
     probes = json.loads(data.bundled_path("probe_prompts").read_text())
     assert len(probes) >= 20 and all(isinstance(p, str) and p for p in probes)
+
+
+def test_data_check_cli(tmp_path, capsys):
+    from sftfuse.engine.cli import main
+
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n{"prompt": 1}\n')
+    assert main(["data-check", str(path), "--tokenizer", str(tmp_path / "tok")]) == 1
+    assert f"{path}:line 3: " in capsys.readouterr().err
+    assert main(["data-check", str(path), "--tokenizer", str(tmp_path / "tok"), "--skip-bad-rows",
+                 "--max-length", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "| exact duplicates | 1 |" in out and "warning: 1 bad rows skipped" in out
+
+
+def test_chat_opening_with_assistant_turn(tok):
+    msgs = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "hi"}]
+    (ex,) = data.tokenize_rows([{"messages": msgs}], tok, max_length=512, fmt="messages")
+    assert _trained(tok, ex) == "Hello<|im_end|>"

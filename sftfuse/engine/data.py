@@ -188,11 +188,13 @@ def _chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, i
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        try:
-            before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            upto = render(messages[: i + 1], tokenize=False)
-        except Exception:  # noqa: BLE001  (a template may refuse a partial chat, e.g. one starting with assistant)
-            before = upto = None
+        before = upto = None
+        if i:  # a chat opening with an assistant turn has no prefix to render: use the fallback
+            try:
+                before = render(messages[:i], tokenize=False, add_generation_prompt=True)
+                upto = render(messages[: i + 1], tokenize=False)
+            except Exception:  # noqa: BLE001  (a template may refuse a partial chat)
+                before = upto = None
         if before is not None and full.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
             start, end = len(before), len(upto)
             k = full.rfind(eos, start, end) if eos else -1
