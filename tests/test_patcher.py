@@ -28,45 +28,6 @@ peft = pytest.importorskip("peft")
 VOCAB, T, STEPS = 1031, 24, 20
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# TEMPORARY stand-ins: plain-PyTorch fp32 references of the fused ops, used only while an op has not landed in
-# sftfuse.engine.functions yet (install_stand_ins() leaves every landed op alone).
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _lce_stand_in(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None, shift_labels=False,
-                  return_stats=False):
-    if shift_labels:
-        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    logits = F.linear(hidden, weight, bias).float() * logit_scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=ignore_index, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum())
-
-
-def _lora_stand_in(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, training=True):
-    return F.linear(x, base, bias) + F.linear(F.linear(F.dropout(x, dropout, training), lora_A), lora_B) * scaling
-
-
-def install_stand_ins() -> list[str]:
-    installed = []
-    for name, fn in (("linear_cross_entropy", _lce_stand_in), ("lora_linear", _lora_stand_in)):
-        if not hasattr(functions, name):
-            setattr(functions, name, fn)
-            installed.append(name)
-    return installed
-
-
-@pytest.fixture(autouse=True)
-def fused_ops():
-    installed = install_stand_ins()
-    yield
-    for name in installed:
-        delattr(functions, name)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matmuls: a second thread only adds contention (20 steps take 0.3 s on one thread, 3-5 s on two)."""
@@ -366,7 +327,6 @@ def test_trl_sft_trainer_same_losses(tmp_path, monkeypatch):
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    install_stand_ins()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -34,8 +34,8 @@ sftfuse's own `NF4Linear` and `LoRALinear` already run the fused ops and are lis
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -194,7 +194,7 @@ def _bnb_nf4_weight(module: nn.Module):
     """A zero-copy NF4Weight view of a bitsandbytes Linear4bit's packed weight and quant state."""
     from sftfuse.engine.quantize import nf4_weight_from_bnb
 
-    return nf4_weight_from_bnb(module)
+    return nf4_weight_from_bnb(module.weight)
 
 
 def _check_nf4(module: nn.Module) -> str | None:
@@ -266,10 +266,9 @@ def _lora_forward(module, original, state, x, *args, **kwargs):
     dtype = compute or weight.dtype
     dropout = module.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    bias = None if base.bias is None else base.bias.to(dtype)
-    y = functions.lora_linear(x.to(dtype), weight, module.lora_A[name].weight.to(dtype),
-                              module.lora_B[name].weight.to(dtype), float(module.scaling[name]), bias=bias,
-                              dropout=p, training=module.training)
+    # lora_linear computes the adapter in x's dtype and returns its gradients in the adapters' own (fp32) dtype
+    y = functions.lora_linear(x.to(dtype), weight, module.lora_A[name].weight, module.lora_B[name].weight,
+                              float(module.scaling[name]), bias=base.bias, dropout=p, training=module.training)
     return y.to(x.dtype)
 
 
