@@ -177,4 +177,8 @@ def test_end_to_end(config, benchmark, bench_record):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3:  # threads: on a machine other jobs load, one thread avoids OpenMP oversubscription
+        import torch
+
+        torch.set_num_threads(int(sys.argv[3]))
     print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
