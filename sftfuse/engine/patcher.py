@@ -8,25 +8,22 @@ differently and `unpatch_model` restores the exact previous `forward` of every i
 original signature (`__signature__`), because HF Trainer, TRL and `generate()` inspect `model.forward`.
 
 The swaps:
-- loss: a `*ForCausalLM` of a family in `sftfuse.engine.families.FAMILIES`. When called in training mode
-  (`model.training`) with `labels` (scored as HF does: shifted, or the pre-shifted `shift_labels` when passed
-  too), the patched forward runs the family's own
-  decoder with the same arguments, then calls the lm_head *module* with the last hidden state and the labels, and
-  the head (patched too) returns `linear_cross_entropy(hidden, head.weight, labels, shift_labels=True, softcap=...,
-  logit_scale=..., num_items_in_batch=...)` instead of logits: the output has `loss` and `logits=None`. Going
-  through the head module's call means a tied head uses the tied embedding weight, and FSDP (which gathers a
-  module's parameters in its pre-forward hook and registers its backward hooks on that module's outputs) sees an
-  ordinary call of the head, never a read of a still-sharded attribute. In eval mode, without labels, with
-  `logits_to_keep`, `return_dict=False` or TRL's `fused_lm_head` the original forward runs unchanged, so
-  evaluation metrics and `generate()` are as before. The loss equals HF's `ForCausalLMLoss`: labels shifted left,
-  -100 ignored, mean over the labelled tokens or sum / `num_items_in_batch` when the trainer passes it.
-- lora: a PEFT LoRA `Linear` (over `nn.Linear`, a bitsandbytes NF4 `Linear4bit` or an sftfuse `NF4Linear`)
-  computes `lora_linear(x, base, A, B, scaling, bias=, dropout=)` on the very same parameters. The adapter math
-  runs in the input's dtype (PEFT keeps fp32 adapters and upcasts the activations; we cast the adapters down
-  instead, differentiably, so the fp32 master adapters still get their gradient). Anything else PEFT can do
-  (several active adapters, DoRA and other variants, `lora_bias`, merged weights, mixed-batch `adapter_names`,
-  disabled adapters) is left to PEFT: refused at patch time with a reason, or handed to the original forward
-  when it is switched on after patching.
+- loss: a `*ForCausalLM` of a family in `sftfuse.engine.families.FAMILIES`. Called in training mode with
+  `labels`, the patched forward runs the family's own decoder with the same arguments and calls the lm_head
+  *module* on the last hidden state; the head (patched too) returns `linear_cross_entropy(hidden, head.weight,
+  labels, shift_labels=True, softcap=, logit_scale=, num_items_in_batch=)`, so the output has `loss` and
+  `logits=None`. That loss is HF's `ForCausalLMLoss`: labels shifted left (or HF's pre-shifted `shift_labels`),
+  -100 ignored, mean over labelled tokens or sum / `num_items_in_batch`. Calling the head module means a tied head
+  uses the tied embedding, and FSDP (which gathers a module's parameters in its pre-forward hook and hooks the
+  backward on that module's outputs) sees an ordinary call, never a read of a still-sharded attribute. In eval
+  mode, without labels, with `logits_to_keep`, `return_dict=False` or TRL's `fused_lm_head`, the original
+  forward runs unchanged, so evaluation and `generate()` are as before.
+- lora: a PEFT LoRA `Linear` (over `nn.Linear`, bitsandbytes NF4 `Linear4bit` or sftfuse `NF4Linear`) computes
+  `lora_linear(x, base, A, B, scaling, bias=, dropout=)` on the same parameters, in the base's compute dtype
+  (PEFT upcasts activations to its fp32 adapters; lora_linear casts the adapters down and returns their
+  gradients in fp32). What else PEFT does (several active adapters, DoRA and other variants, `lora_bias`, merged
+  weights, `adapter_names`, disabled adapters) is left to PEFT: refused at patch time with a reason, or handed to
+  the original forward when switched on after patching.
 - nf4: a bitsandbytes NF4 `Linear4bit` computes `nf4_matmul` on a zero-copy `NF4Weight` view of its quant state.
 sftfuse's own `NF4Linear` and `LoRALinear` already run the fused ops and are listed as native.
 """
@@ -52,10 +49,7 @@ class _Forward:
     def __init__(self, module: nn.Module, impl: Callable, state: dict[str, Any]):
         self.had_instance_forward = "forward" in module.__dict__
         self.original = module.forward  # bound method of the class, or whatever instance forward was there
-        self.module = module
-        self.impl = impl
-        self.state = state
-        self.active = True
+        self.module, self.impl, self.state, self.active = module, impl, state, True
         self.__signature__ = inspect.signature(self.original)
         self.__wrapped__ = self.original
 
@@ -154,8 +148,9 @@ def _check_loss(model, strict: bool) -> str | None:
             raise ValueError(f"model: {msg}; pass strict=False to patch only the generic parts")
         return msg
     head = getattr(model, family.lm_head, None)
-    if type(head) is not nn.Linear:
-        return f"{family.lm_head} is a {type(head).__name__}, not a plain nn.Linear"
+    # isinstance, not type(): FSDP2 swaps the class for a subclass. bitsandbytes' linears subclass nn.Linear too.
+    if not isinstance(head, nn.Linear) or type(head).__module__.startswith("bitsandbytes"):
+        return f"{family.lm_head} is a {type(head).__name__}, not a 16/32-bit nn.Linear"
     if not isinstance(getattr(model, family.decoder, None), nn.Module):
         return f"no decoder module at .{family.decoder}"
     return None
@@ -183,7 +178,7 @@ def _patch_loss(model) -> list[tuple[str, nn.Module, str]]:
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
 def _is_sftfuse_module(module: nn.Module, name: str) -> bool:
@@ -281,17 +276,17 @@ def _lora_forward(module, original, state, x, *args, **kwargs):
 class _Swap:
     kind: str  # the patch_model flag that enables it
     match: Callable[[nn.Module], bool]
-    check: Callable[[nn.Module], str | None]  # reason to leave the module alone, or None
+    check: Callable[[nn.Module, bool], str | None]  # (module, strict) -> reason to leave it alone, or None
     impl: Callable | None  # per-instance forward; None: native sftfuse module, nothing to swap
     op: str
 
 
 _SWAPS = (
-    _Swap("cross_entropy", _is_causal_lm, None, _causal_lm_forward, "linear_cross_entropy"),
-    _Swap("lora", _is_peft_lora_linear, _check_lora, _lora_forward, "lora_linear"),
-    _Swap("lora", lambda m: _is_sftfuse_module(m, "LoRALinear"), lambda m: None, None, "lora_linear (native)"),
-    _Swap("nf4", _is_bnb_4bit, _check_nf4, _nf4_forward, "nf4_matmul"),
-    _Swap("nf4", lambda m: _is_sftfuse_module(m, "NF4Linear"), lambda m: None, None, "nf4_matmul (native)"),
+    _Swap("cross_entropy", _is_causal_lm, _check_loss, _causal_lm_forward, "linear_cross_entropy"),
+    _Swap("lora", _is_peft_lora_linear, lambda m, strict: _check_lora(m), _lora_forward, "lora_linear"),
+    _Swap("lora", lambda m: _is_sftfuse_module(m, "LoRALinear"), lambda m, s: None, None, "lora_linear (native)"),
+    _Swap("nf4", _is_bnb_4bit, lambda m, strict: _check_nf4(m), _nf4_forward, "nf4_matmul"),
+    _Swap("nf4", lambda m: _is_sftfuse_module(m, "NF4Linear"), lambda m, s: None, None, "nf4_matmul (native)"),
 )
 
 
@@ -363,12 +358,7 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
         entry = PatchEntry(name or "<root>", swap.kind, _type_name(module))
         if swap.kind == "cross_entropy":
             report.family = getattr(module.config, "model_type", None)
-        if not enabled[swap.kind]:
-            entry.reason = f"{swap.kind}=False"
-        elif swap.kind == "cross_entropy":
-            entry.reason = _check_loss(module, strict)
-        else:
-            entry.reason = swap.check(module)
+        entry.reason = swap.check(module, strict) if enabled[swap.kind] else f"{swap.kind}=False"
         if entry.reason is not None:
             report.skipped.append(entry)
             _unpatch_one(module)  # a flag switched off now undoes an earlier patch of that kind
@@ -398,11 +388,7 @@ def unpatch_model(model: nn.Module) -> int:
     A forward another library wrapped over ours after patching (e.g. TRL's fused head) cannot be unwound from the
     inside: ours is switched off instead, so that wrapper reaches the original behaviour.
     """
-    restored = 0
-    for _, module in model.named_modules():
-        if _RECORD in module.__dict__:
-            restored += _uninstall(module)
-    return restored
+    return sum(_uninstall(m) for m in model.modules() if _RECORD in m.__dict__)
 
 
 def is_patched(module: nn.Module) -> bool:
