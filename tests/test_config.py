@@ -51,6 +51,7 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 
 def test_cli_flags_and_positional_overrides_agree():
-    args = build_parser().parse_args(["train", "--replay-ratio", "0.2", "--lora-r", "4", "lr=5e-4", "--resume"])
+    args = build_parser().parse_args(["train", "--replay-ratio", "0.2", "--lora-r", "4", "lr=5e-4", "--resume",
+                                      "--skip-bad-rows"])
     assert args.opt_replay_ratio == "0.2" and args.opt_lora_r == "4" and args.overrides == ["lr=5e-4"]
-    assert args.resume
+    assert args.resume and args.opt_skip_bad_rows == "true" and args.opt_qlora is None

@@ -232,3 +232,27 @@ def test_qlora_bf16_path_tracks_fp32_and_learns(tiny_dir, data_dir, tmp_path):
     assert max(abs(a - b) / b for a, b in zip(q, ref, strict=True)) < 0.02, (q, ref)
     tensors, _ = ad.read_adapter(tmp_path / "qTrue" / "adapter")
     assert {v.dtype for v in tensors.values()} == {torch.float32}
+
+
+def test_torchrun_two_processes_match_one_with_accumulation(tiny_dir, data_dir, tmp_path):
+    """DDP (gloo, 2 CPU processes, 1 micro-batch each) sees the same rows per step as one process accumulating 2
+    micro-batches, and the loss is normalized by the tokens of the whole step across processes: equal losses."""
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    kw = {"max_steps": 3, "eval_interval": 0, "checkpoint_interval": 0}
+    ddp = tmp_path / "ddp"
+    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "sftfuse.engine.cli", "train",
+                    *_overrides(tiny_dir, data_dir, ddp, grad_accum=1, **kw)],
+                   env=env, check=True, capture_output=True, cwd=ROOT, timeout=300)
+    single = tmp_path / "single"
+    train(load_config(None, _overrides(tiny_dir, data_dir, single, grad_accum=2, **kw)), quiet=True)
+    a, b = _losses(ddp), _losses(single)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+    ta, _ = ad.read_adapter(ddp / "adapter")
+    tb, _ = ad.read_adapter(single / "adapter")
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6)

@@ -37,9 +37,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of option: value (see sftfuse/engine/config.py)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=5e-4 qlora=false")
-    opts = p.add_argument_group("options (same as key=value)")
+    opts = p.add_argument_group("options (each also accepted as key=value; defaults in sftfuse/engine/config.py)")
+    defaults = TrainConfig()
     for name in TrainConfig.__dataclass_fields__:
-        opts.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", metavar="V", help=argparse.SUPPRESS)
+        flag, value = f"--{name.replace('_', '-')}", getattr(defaults, name)
+        if isinstance(value, bool):  # a bare flag turns it on; `name=false` turns it off
+            opts.add_argument(flag, dest=f"opt_{name}", action="store_const", const="true", help=f"default: {value}")
+        else:
+            opts.add_argument(flag, dest=f"opt_{name}", metavar="V", help=f"default: {value}")
 
 
 def _data_check(args) -> int:

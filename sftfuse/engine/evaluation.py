@@ -215,7 +215,8 @@ def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: di
               f"{run['train_seconds']:.0f} s of training)"),
               f"- peak memory: {run['peak_memory']}",
               (f"- wall time: {run['wall_seconds']:.0f} s in all (model load {run['load_seconds']:.0f} s, "
-              f"evaluations and probe {run['eval_seconds']:.0f} s)"), ""]
+              f"evaluations and probe {run['eval_seconds']:.0f} s); process CPU time {run['cpu_seconds']:.0f} s "
+              f"on {run['threads']} threads"), ""]
     if loss_png:
         lines += [f"![loss curve]({loss_png})", ""]
     lines += ["## Data report", "", data_md or "(none)", ""]

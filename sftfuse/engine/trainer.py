@@ -174,6 +174,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.t_start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.times = {"load": 0.0, "eval": 0.0, "train": 0.0}
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -259,7 +260,7 @@ class Trainer:
             (self.out / "data_report.md").write_text(self.data_md + "\n")
             (self.out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
             for line in report.summary_lines():
-                self.log(f"data: {line}")
+                self.log(line)
 
     def _evaluate_base(self) -> None:
         """Test-split accuracy and probe answers of the base model (cached in the output dir for --resume)."""
@@ -638,7 +639,8 @@ class Trainer:
                "best_val_loss": self.best_val, "best_step": self.best_step, "tokens_per_s": res.tokens_per_s,
                "train_tokens": self.train_tokens, "train_seconds": self.times["train"],
                "peak_memory": peak_memory(self.device), "wall_seconds": time.perf_counter() - self.t_start,
-               "load_seconds": self.times["load"], "eval_seconds": self.times["eval"]}
+               "load_seconds": self.times["load"], "eval_seconds": self.times["eval"],
+               "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads()}
         res.report_path = ev.write_report(self.out / "report.md", cfg=cfg.to_dict(), data_md=self.data_md,
                                           before=self.before, after=res.after, probe=res.probe, run=run,
                                           loss_png=png.name if png else None)
