@@ -134,7 +134,7 @@ def test_nf4_matmul_fwd_bwd(backend, shape, dtype, with_bias):
     """Forward and backward vs fp64 on the dequantized weight. bf16: the kernels upcast to fp32 under the
     interpreter, so the bound is PyTorch's own bf16 F.linear error (a bf16 GEMM on the bf16-rounded weight)."""
     m, k, n = shape
-    if backend == "triton" and m * k * n > 2_000_000:
+    if backend == "triton" and m * k * n > 20_000_000:
         pytest.skip("kept small for the Triton interpreter")
     q = quantize_nf4(randn(n, k), double_quant=(k % 2 == 1))  # both scale formats across the grid
     x = randn(m, k, dtype=dtype, requires_grad=True)
@@ -192,7 +192,7 @@ def test_dequantize_paths_agree(backend, dtype):
 
 def test_cpu_tiles_bound_the_16bit_buffer(monkeypatch):
     """With a small tile budget the CPU path decodes several row tiles and still matches."""
-    import sftfuse.kernels.nf4 as nf4
+    from sftfuse.kernels import nf4
 
     monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
     monkeypatch.setattr(nf4, "TILE_ELEMS", 64 * 129 * 2)  # 2 row steps of 64 rows (129 is odd: 64-row steps)
