@@ -38,7 +38,7 @@ class NF4Linear(nn.Module):
             torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device),
             torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32, device=device),
             torch.zeros(-(-nb // NESTED_BLOCKSIZE), device=device) if double_quant else None,
-            dynamic_map().to(device) if double_quant else None, 0.0, nf4_code(device), blocksize,
+            dynamic_map().to(device, copy=True) if double_quant else None, 0.0, nf4_code(device), blocksize,
             (out_features, in_features), compute_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None

@@ -179,7 +179,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     offset = 0.0
     if double_quant:
         absmax, nested_absmax, offset = _quantize_nested(absmax)
-        nested_code = dynamic_map().to(weight.device)
+        nested_code = dynamic_map().to(weight.device, copy=True)  # per weight: safetensors rejects shared storage
     return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, code, blocksize,
                      (int(weight.shape[0]), int(weight.shape[1])), weight.dtype)
 

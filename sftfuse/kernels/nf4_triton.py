@@ -141,14 +141,16 @@ def _nf4_dequantize_kernel(
 # Launchers
 
 
-def _config(m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK of the non-reduced weight dim, warps) for `m` tokens; the K tile is always 64."""
+def _config(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK over N, BLOCK over K, warps) for `m` tokens.
+
+    K tiles of 64 or 32 divide every blocksize >= 64: with K % blocksize == 0 a tile row then lies in one block
+    (ALIGNED: one scale per row). The large tile decodes 32 x 128 weights per step: at 64 x 128 the decode
+    spilled 8-16 bytes on sm_80.
+    """
     if m <= 16:
-        return 16, 64, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
-    return 128, 128, 8  # the tile FACTS.md measured: no spills, wgmma + cp.async with unit strides declared
-
-
-_BK = 64  # K tile: with K % blocksize == 0 and blocksize % 64 == 0 a tile row sits in one block (ALIGNED)
+        return 16, 64, 64, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
+    return 128, 128, 32, 8
 
 
 def _q_args(q: NF4Weight, device):
@@ -169,22 +171,22 @@ def matmul_triton(a: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, *, t
         return a @ w if transposed else torch.nn.functional.linear(a, w, bias)
     ptrs, dq = _q_args(q, a.device)
     fp32_dot = interp  # the interpreter's bf16 dot is wrong: upcast there
-    bm, bo, warps = _config(m)
-    aligned = k_in % q.blocksize == 0 and q.blocksize % _BK == 0
+    bm, bn, bk, warps = _config(m)
+    aligned = k_in % q.blocksize == 0 and q.blocksize % bk == 0
     if not transposed:
         y = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, bo))
+        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, bn))
         _nf4_matmul_fwd_kernel[grid](a, *ptrs, bias if bias is not None else a, y, m, n_out, k_in, q.offset,
                                      a.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOUBLE_QUANT=dq,
                                      BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot, BLOCK_M=bm,
-                                     BLOCK_N=bo, BLOCK_K=_BK,
+                                     BLOCK_N=bn, BLOCK_K=bk,
                                      num_warps=warps, num_stages=3)
         return y
     dx = torch.empty(m, k_in, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(k_in, _BK))
+    grid = (triton.cdiv(m, bm), triton.cdiv(k_in, bk))
     _nf4_matmul_bwd_kernel[grid](a, *ptrs, dx, m, n_out, k_in, q.offset, a.stride(0), dx.stride(0),
                                  DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot,
-                                 BLOCK_M=bm, BLOCK_N=bo, BLOCK_K=_BK, num_warps=warps, num_stages=3)
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
     return dx
 
 
@@ -219,21 +221,21 @@ def _specs() -> list[KernelSpec]:
     specs = []
     for dq in (True, False):
         for m in (16, 128):
-            bm, bo, warps = _config(m)
+            bm, bn, bk, warps = _config(m)
             meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": True, "FP32_DOT": False, "BLOCK_M": bm}
             fwd_sig = {"x_ptr": "*bf16", **_qsig(dq), "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                        "K": "i32", "offset": "fp32", "stride_xm": "i32", "stride_ym": "i32"}
             fwd_sig.update({k: "constexpr" for k in ("HAS_BIAS", "DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT",
                                                      "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             specs.append(KernelSpec("nf4_matmul_fwd", _nf4_matmul_fwd_kernel, fwd_sig,
-                                    {**meta, "HAS_BIAS": False, "BLOCK_N": bo, "BLOCK_K": _BK}, num_warps=warps,
+                                    {**meta, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
                                     divisible=("x_ptr", "y_ptr", "packed_ptr", "K", "stride_xm", "stride_ym")))
             bwd_sig = {"dy_ptr": "*bf16", **_qsig(dq), "dx_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                        "offset": "fp32", "stride_dym": "i32", "stride_dxm": "i32"}
             bwd_sig.update({k: "constexpr" for k in ("DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT", "BLOCK_M",
                                                      "BLOCK_N", "BLOCK_K")})
             specs.append(KernelSpec("nf4_matmul_bwd", _nf4_matmul_bwd_kernel, bwd_sig,
-                                    {**meta, "BLOCK_N": bo, "BLOCK_K": _BK}, num_warps=warps,
+                                    {**meta, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
                                     divisible=("dy_ptr", "dx_ptr", "packed_ptr", "K", "stride_dym", "stride_dxm")))
         specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel,
                                 {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32",
