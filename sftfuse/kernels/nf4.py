@@ -95,8 +95,12 @@ class NF4Weight:
         if not self.double_quant:
             return self.absmax.float()
         nb = self.absmax.numel()
-        scale2 = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:nb]
-        return self.nested_code[self.absmax.long()] * scale2 + self.offset
+        groups = self.nested_absmax.numel()
+        # broadcasting over (groups, 256), not repeat_interleave: that one opens a thread team (slow when busy)
+        dq = torch.zeros(groups * NESTED_BLOCKSIZE, dtype=torch.float32, device=self.absmax.device)
+        dq[:nb] = self.nested_code.index_select(0, self.absmax.int())  # a[idx] opens a thread team too
+        dq = dq.view(groups, NESTED_BLOCKSIZE).mul_(self.nested_absmax[:, None]).view(-1)[:nb]
+        return dq.add_(self.offset)
 
 
 @cache
@@ -196,17 +200,21 @@ def _pair_table(device: torch.device, code: tuple[float, ...]) -> torch.Tensor:
     return torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-_SUB = 1 << 15  # values decoded per step: the fp32 temporary (128 KiB) stays in L2 between its three passes
+# Values decoded per step: the fp32 temporary (128 KiB) stays in L2 between its passes, and every op stays at
+# or under ATen's parallel grain (32768), so none opens a thread team: on a shared, busy CPU each team start
+# can wait a whole scheduler slice for its second thread, which cost more than the decode itself.
+_SUB = 1 << 15
 
 
 def _decode_flat(q: NF4Weight, start: int, end: int, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write dequantized values [start, end) of the flat weight into `out` (end - start,); `start` on a block."""
     bs = q.blocksize
     table = _pair_table(q.device, tuple(q.code.tolist()))
-    idx = q.packed[start // 2:(end + 1) // 2].int()  # int32 indices: index_select skips an int64 copy
+    packed = q.packed
     for s in range(0, end - start, _SUB):
         e = min(end - start, s + _SUB)
-        vals = table.index_select(0, idx[s // 2:(e + 1) // 2]).view(torch.float32)  # (2 * bytes,) fp32
+        idx = packed[(start + s) // 2:(start + e + 1) // 2].int()  # int32 indices: index_select skips an int64 copy
+        vals = table.index_select(0, idx).view(torch.float32)  # (2 * bytes,) fp32
         full = (e - s) // bs * bs
         b0 = (start + s) // bs
         vals[:full].view(-1, bs).mul_(scales[b0:b0 + full // bs, None])
