@@ -11,7 +11,7 @@ from torch import nn
 
 from sftfuse.engine.models import tiny_model
 from sftfuse.engine.modules import NF4Linear
-from sftfuse.engine.quantize import load_nf4_checkpoint, nf4_weight_from_bnb, quantize_model
+from sftfuse.engine.quantize import load_nf4_checkpoint, nf4_linear_from_bnb, nf4_weight_from_bnb, quantize_model
 from sftfuse.kernels.nf4 import dequantize_nf4
 from tests.conftest import assert_close, randn
 
@@ -86,6 +86,10 @@ def test_nf4_weight_from_bnb_shares_storage():
     q = nf4_weight_from_bnb(lin.weight)
     assert q.packed.data_ptr() == lin.weight.data.data_ptr()
     assert torch.equal(dequantize_nf4(q, torch.float32), bnbF.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+    m = nf4_linear_from_bnb(lin)
+    assert m.weight.data_ptr() == lin.weight.data.data_ptr()
+    x = randn(3, 64)
+    assert torch.equal(m(x), torch.nn.functional.linear(x.to(m.compute_dtype), m.dequantize()).to(x.dtype))
     fp4 = bnb.nn.Linear4bit(64, 48, bias=False, quant_type="fp4").to("cpu")
     with pytest.raises(ValueError, match="nf4"):
         nf4_weight_from_bnb(fp4.weight)

@@ -11,7 +11,7 @@ Bytes: 4 + 8/64 + 32/16384 = 4.127 bits per weight, 0.258x of bf16 (0.266x with 
 6.5 G linear weights: 13 GB in bf16, 3.4 GB in NF4.
 
 Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is frozen, no dW).
-- Triton: the K loop (N loop for the backward layout) loads packed bytes and uint8 scales, decodes nibbles,
+- Triton (sftfuse/kernels/nf4_triton.py): the K loop (N loop for the backward layout) loads packed bytes and uint8 scales, decodes nibbles,
   codes and nested scales in registers and feeds tl.dot with fp32 accumulation; no dequantized weight is ever
   written to global memory. Rule: above FUSED_MAX_TOKENS tokens the matmul is compute-bound (2*M*N*K flops
   against N*K/2 bytes of weight), so one dequantize pass (N*K*2.5 bytes, under 1% of the matmul time there) plus
@@ -309,6 +309,10 @@ def nf4_matmul_fwd(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = No
     from sftfuse.kernels._registry import use_triton
 
     _check(x, q, 1, "x")
+    if bias is not None:
+        if bias.shape != (q.shape[0],):
+            raise ValueError(f"bias: expected shape ({q.shape[0]},), got {tuple(bias.shape)}")
+        bias = bias.to(x.dtype)
     if use_triton(x, q.packed):
         from sftfuse.kernels.nf4_triton import matmul_triton
 
