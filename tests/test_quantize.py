@@ -12,7 +12,7 @@ from torch import nn
 from sftfuse.engine.models import tiny_model
 from sftfuse.engine.modules import NF4Linear
 from sftfuse.engine.quantize import load_nf4_checkpoint, nf4_linear_from_bnb, nf4_weight_from_bnb, quantize_model
-from sftfuse.kernels.nf4 import dequantize_nf4
+from sftfuse.kernels.nf4 import dequantize_nf4, quantize_nf4
 from tests.conftest import assert_close, randn
 
 try:
@@ -97,11 +97,17 @@ def test_nf4_weight_from_bnb_shares_storage():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_quantize_model_tiny(family):
-    """Every linear but lm_head becomes NF4Linear, each old 16-bit weight is released, logits stay close."""
+    """Every linear but lm_head becomes NF4Linear and its 16-bit weight is released; the logits equal those of
+    the original model with each weight replaced by its dequantized NF4 copy, and stay near the original's."""
     model = tiny_model(family)
+    twin = tiny_model(family)  # same seed: the same weights
     ids = torch.randint(0, 1000, (2, 11))
     with torch.no_grad():
         ref = model(ids).logits
+        for name, lin in twin.named_modules():
+            if isinstance(lin, nn.Linear) and name != "lm_head":
+                lin.weight.copy_(dequantize_nf4(quantize_nf4(lin.weight), torch.float32))
+        ref_nf4 = twin(ids).logits
     old = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     quantize_model(model, compute_dtype=torch.float32)
     new = dict(model.named_modules())
@@ -113,9 +119,9 @@ def test_quantize_model_tiny(family):
             assert lin.weight.numel() == 0  # storage freed as it went
     with torch.no_grad():
         out = model(ids).logits
-    # 4-bit weights: logits move by a few percent of their range, not more
-    assert (out - ref).abs().max() <= 0.15 * ref.abs().max()
-    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
+    assert_close(out, ref_nf4.double(), dtype=torch.float32)
+    # NF4's relative RMS error on Gaussian weights is about 0.1; measured 0.10-0.12 over seeds on these models
+    assert (out - ref).norm() <= 0.2 * ref.norm()
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
