@@ -145,3 +145,13 @@ def test_nf4linear_trains_through_input_and_bias():
     w = m.dequantize().double()
     assert_close(dx, dy.double() @ w)
     assert_close(db, dy.double().sum(0))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4linear_dtype_cast_keeps_quant_state(double_quant):
+    """model.to(bf16) casts biases but must leave the fp32 scales and code books exact."""
+    m = NF4Linear.from_linear(_linear(64, 24), double_quant=double_quant, compute_dtype=torch.float32)
+    before = m.dequantize()
+    m.to(torch.bfloat16)
+    assert m.quant_map.dtype == torch.float32 and m.bias.dtype == torch.bfloat16
+    assert torch.equal(m.dequantize(), before)

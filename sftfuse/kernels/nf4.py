@@ -317,7 +317,8 @@ def nf4_matmul_fwd(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = No
         from sftfuse.kernels.nf4_triton import matmul_triton
 
         return matmul_triton(x, q, bias, transposed=False)
-    return _fwd_torch(x, q, bias)
+    with torch.no_grad():  # the weight tile is a reused scratch buffer: never let autograd save it
+        return _fwd_torch(x, q, bias)
 
 
 def nf4_matmul_bwd(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
@@ -329,4 +330,5 @@ def nf4_matmul_bwd(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
         from sftfuse.kernels.nf4_triton import matmul_triton
 
         return matmul_triton(dy, q, None, transposed=True)
-    return _bwd_torch(dy, q)
+    with torch.no_grad():
+        return _bwd_torch(dy, q)
