@@ -11,6 +11,8 @@ kernel writes fp32 that PyTorch rounds (the interpreter's fp32->bf16 cast trunca
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -207,7 +209,8 @@ def dequantize_triton(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 takes the dequantize
-# route), with and without double quant, for the compile check; the numerics check for `sftfuse verify`.
+# route): double quant or not, K block-aligned or not, both tiles; for the compile check. Then the numerics
+# check for `sftfuse verify`.
 
 _Q = {"packed_ptr": "*u8", "code_ptr": "*fp32"}
 
@@ -219,24 +222,28 @@ def _qsig(dq: bool) -> dict[str, str]:
 
 def _specs() -> list[KernelSpec]:
     specs = []
+    for dq, aligned, m in itertools.product((True, False), (True, False), (16, 128)):
+        bm, bn, bk, warps = _config(m)
+        meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": aligned, "FP32_DOT": False, "BLOCK_M": bm}
+        # ALIGNED implies K % 64 == 0, so K and the row strides (= K) are multiples of 16; otherwise K may be odd
+        sizes = ("K",) if aligned else ()
+        fwd_sig = {"x_ptr": "*bf16", **_qsig(dq), "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+                   "K": "i32", "offset": "fp32", "stride_xm": "i32", "stride_ym": "i32"}
+        fwd_sig.update({k: "constexpr" for k in ("HAS_BIAS", "DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT",
+                                                 "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+        specs.append(KernelSpec("nf4_matmul_fwd", _nf4_matmul_fwd_kernel, fwd_sig,
+                                {**meta, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                                divisible=("x_ptr", "y_ptr", "packed_ptr", *sizes, *(("stride_xm",) if aligned else ()),
+                                           "stride_ym")))
+        bwd_sig = {"dy_ptr": "*bf16", **_qsig(dq), "dx_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                   "offset": "fp32", "stride_dym": "i32", "stride_dxm": "i32"}
+        bwd_sig.update({k: "constexpr" for k in ("DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT", "BLOCK_M",
+                                                 "BLOCK_N", "BLOCK_K")})
+        specs.append(KernelSpec("nf4_matmul_bwd", _nf4_matmul_bwd_kernel, bwd_sig,
+                                {**meta, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                                divisible=("dy_ptr", "dx_ptr", "packed_ptr", *sizes, "stride_dym",
+                                           *(("stride_dxm",) if aligned else ()))))
     for dq in (True, False):
-        for m in (16, 128):
-            bm, bn, bk, warps = _config(m)
-            meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": True, "FP32_DOT": False, "BLOCK_M": bm}
-            fwd_sig = {"x_ptr": "*bf16", **_qsig(dq), "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-                       "K": "i32", "offset": "fp32", "stride_xm": "i32", "stride_ym": "i32"}
-            fwd_sig.update({k: "constexpr" for k in ("HAS_BIAS", "DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT",
-                                                     "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-            specs.append(KernelSpec("nf4_matmul_fwd", _nf4_matmul_fwd_kernel, fwd_sig,
-                                    {**meta, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                    divisible=("x_ptr", "y_ptr", "packed_ptr", "K", "stride_xm", "stride_ym")))
-            bwd_sig = {"dy_ptr": "*bf16", **_qsig(dq), "dx_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-                       "offset": "fp32", "stride_dym": "i32", "stride_dxm": "i32"}
-            bwd_sig.update({k: "constexpr" for k in ("DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT", "BLOCK_M",
-                                                     "BLOCK_N", "BLOCK_K")})
-            specs.append(KernelSpec("nf4_matmul_bwd", _nf4_matmul_bwd_kernel, bwd_sig,
-                                    {**meta, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                    divisible=("dy_ptr", "dx_ptr", "packed_ptr", "K", "stride_dym", "stride_dxm")))
         specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel,
                                 {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32",
                                  "DOUBLE_QUANT": "constexpr", "BLOCKSIZE": "constexpr", "BLOCK": "constexpr"},
