@@ -15,7 +15,7 @@ from torch import nn
 
 from sftfuse.engine.functions import lora_linear
 from sftfuse.engine.modules import LoRALinear
-from sftfuse.kernels.lora import dropout_mask, lora_linear_ref, new_seed
+from sftfuse.kernels.lora import _drop_mask, dropout_mask, lora_linear_ref, new_seed
 
 # (tokens, in, out, r): odd sizes below every block (37, 29, 23) with r=1; sizes that cross a 32/64 block edge
 # with r=8 and r=16 (the default rank); r=64 (the widest R tile); and SmolLM2's k_proj 576->192 at r=16.
@@ -71,6 +71,8 @@ def test_dropout_mask_is_a_function_of_the_seed():
     # The mask of a sub-block equals the sub-block of the mask: it depends on (row, col) only, not on the size.
     assert torch.equal(dropout_mask(7, 30, 50, 0.3), a[:30, :50])
     assert dropout_mask(7, 30, 50, 0.0).all()
+    # The CPU path's table lookup gives the same bits as the arithmetic definition (and the kernels).
+    assert torch.equal(~_drop_mask(7, 300, 500, 0.3, a.device), a)
 
 
 def test_dropout_expectation_over_seeds(backend):

@@ -54,10 +54,14 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+_KEY_BITS = 20  # row and column keys take 20 bits, so key_row + key_col indexes a 2^21-entry table
+
+
 def _keys32(n: int, seed: int, mult: int, salt: int, device) -> torch.Tensor:
+    """Fully mixed keys in [0, 2^20) per row (or column) index, int32."""
     i = torch.arange(n, dtype=torch.int64, device=device)
     h = _fmix32(((i * mult) & _M32) ^ ((seed ^ salt) & _M32))
-    return (h ^ (1 << 31)) - (1 << 31)  # same bits as int32
+    return (h >> (32 - _KEY_BITS)).to(torch.int32)
 
 
 def dropout_threshold(p: float) -> int:
@@ -65,11 +69,8 @@ def dropout_threshold(p: float) -> int:
     return min(round(p * 2.0**32), (1 << 32) - 1) - (1 << 31)
 
 
-def _hash32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
-    """int32 (rows, cols) hash of (seed, row, col): key_row + key_col, multiply, xor-shift, multiply (wrapping)."""
-    rk = _keys32(rows, seed, _C1, 0, device).to(torch.int32)
-    ck = _keys32(cols, seed, _C4, 0x165667B1, device).to(torch.int32)
-    h = rk[:, None] + ck[None, :]
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """The per-element mixer of key_row + key_col: multiply, xor-shift, multiply, wrapping int32 (in place)."""
     h.mul_(_signed32(_C1))
     h.bitwise_xor_(h >> 15)  # arithmetic shift on int32, as in the kernels
     return h.mul_(_signed32(_C2))
@@ -78,15 +79,29 @@ def _hash32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
 def dropout_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> torch.Tensor:
     """Keep mask (rows, cols), bool, of dropout probability `p`: a pure function of (seed, row, column).
 
-    Per-row and per-column keys are fully mixed once; each element mixes key_row + key_col with multiply /
-    xor-shift / multiply in wrapping int32 (five vector ops per element on CPU). The Triton kernels compute the
-    same bits in registers (`_keep_tile`), so a forward and its backward agree, on both paths.
+    Rows and columns get fully mixed 20-bit keys (murmur3's finalizer); element (i, j) keeps iff
+    mix(key_i + key_j) >= threshold, `_mix` being multiply / xor-shift / multiply in wrapping int32. The Triton
+    kernels compute the same bits in registers (`_keep_tile`), so forward and backward agree, on both paths.
+    Two rows share a mask only if their keys collide (probability 2^-20 per pair).
     """
-    return _hash32(seed, rows, cols, device) >= dropout_threshold(p)
+    rk, ck = _keys32(rows, seed, _C1, 0, device), _keys32(cols, seed, _C4, 0x165667B1, device)
+    return _mix(rk[:, None] + ck[None, :]) >= dropout_threshold(p)
+
+
+_DROP_TABLES: dict[tuple[float, str], torch.Tensor] = {}
 
 
 def _drop_mask(seed, rows, cols, p, device):
-    return _hash32(seed, rows, cols, device) < dropout_threshold(p)  # the complement, saving a logical-not pass
+    """~dropout_mask, by one add and one lookup per element in a cached 2 MB table of mix(s) < threshold.
+
+    On CPU a pass costs little but each op pays a thread fork-join: two ops instead of six per mask.
+    """
+    key = (p, str(device))
+    if key not in _DROP_TABLES:
+        s = torch.arange(1 << (_KEY_BITS + 1), dtype=torch.int32, device=device)
+        _DROP_TABLES[key] = _mix(s) < dropout_threshold(p)
+    rk, ck = _keys32(rows, seed, _C1, 0, device), _keys32(cols, seed, _C4, 0x165667B1, device)
+    return _DROP_TABLES[key].index_select(0, (rk[:, None] + ck[None, :]).view(-1)).view(rows, cols)
 
 
 def new_seed() -> int:
@@ -143,16 +158,15 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
     dx = None
     if need_dx:
         W = _dense(base)
+        g = u @ A  # (M, K): the adapter's share of dx, masked where the forward dropped x
+        if drop is not None:
+            g.masked_fill_(drop, 0)
         if W is None:
             from sftfuse.kernels.nf4 import nf4_matmul_bwd
 
-            dx = nf4_matmul_bwd(dy, base)
+            dx = nf4_matmul_bwd(dy, base).add_(g, alpha=s / (1.0 - p))
         else:
-            dx = dy @ W
-        if drop is None:
-            dx.addmm_(u, A, alpha=s)
-        else:
-            dx.add_((u @ A).masked_fill_(drop, 0), alpha=s / (1.0 - p))
+            dx = g.addmm_(dy, W, beta=s / (1.0 - p))  # dy W accumulated onto it inside the GEMM
     xa = x if drop is None else x.masked_fill(drop, 0)
     dA = torch.mm(u.T, xa).mul_(s / (1.0 - p))  # (r, K)
     dB = torch.mm(dy.T, t).mul_(s)  # (N, r)
@@ -172,12 +186,12 @@ def _keys(idx, seed, MULT: tl.constexpr, SALT: tl.constexpr):
     h = h ^ (h >> 13)
     h = h * 0xC2B2AE35
     h = h ^ (h >> 16)
-    return h.to(tl.int32, bitcast=True)
+    return (h >> 12).to(tl.int32)  # 20-bit keys, as `_keys32`
 
 
 @triton.jit
 def _keep_tile(row_keys, col_keys, thr):
-    """Dropout keep mask of a tile, (len(row_keys), len(col_keys)); `_hash32` in registers (int32 wraps)."""
+    """Dropout keep mask of a tile, (len(row_keys), len(col_keys)): `dropout_mask` in registers (int32 wraps)."""
     h = row_keys[:, None] + col_keys[None, :]
     h = h * -1640531535  # 0x9E3779B1 as int32
     h = h ^ (h >> 15)
