@@ -137,7 +137,7 @@ def _dense(base) -> torch.Tensor | None:
 
 def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
     drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
-    xa = x if drop is None else x.masked_fill(drop, 0)
+    xa = x if drop is None else torch.where(drop, 0, x)
     t = xa @ A.T  # (M, r)
     if p > 0:
         t.mul_(1.0 / (1.0 - p))
@@ -167,9 +167,9 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
             dx = nf4_matmul_bwd(dy, base).add_(g, alpha=s / (1.0 - p))
         else:
             dx = g.addmm_(dy, W, beta=s / (1.0 - p))  # dy W accumulated onto it inside the GEMM
-    xa = x if drop is None else x.masked_fill(drop, 0)
+    xa = x if drop is None else torch.where(drop, 0, x)
     dA = torch.mm(u.T, xa).mul_(s / (1.0 - p))  # (r, K)
-    dB = torch.mm(dy.T, t).mul_(s)  # (N, r)
+    dB = torch.mm(t.T, dy).mul_(s).T.contiguous()  # (N, r); t^T dy reads dy in its own layout
     return dx, dA, dB
 
 
