@@ -18,11 +18,43 @@ def _train(args) -> int:
     return 2
 
 
+def _data_check(args) -> int:
+    from sftfuse.engine import data
+
+    try:
+        rowset = data.read_rows(args.file, fmt=args.format, skip_bad_rows=args.skip_bad_rows)
+        val = data.read_rows(args.validation, skip_bad_rows=args.skip_bad_rows) if args.validation else None
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tok = data.default_tokenizer()
+    examples = data.tokenize_rows(rowset.rows, tok, max_length=args.max_length, fmt=rowset.fmt)
+    report = data.quality_report(rowset, examples, tok, max_length=args.max_length, val_rows=val)
+    print(report.to_markdown())
+    for line in rowset.errors:
+        print(f"skipped: {line}")
+    print("\n".join(report.summary_lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sftfuse", description="Fast, lean supervised fine-tuning.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune a model (defaults: SmolLM2-135M-Instruct on the bundled data)")
     p.set_defaults(fn=_train)
+    p = sub.add_parser("data-check", help="validate a dataset file and print its data-quality report")
+    p.add_argument("file", help=".jsonl, .json, .csv, .parquet or a datasets directory")
+    p.add_argument("--max-length", type=int, default=256, help="truncation length in tokens (default 256)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
+    p.add_argument("--format", choices=("alpaca", "prompt_completion", "messages", "text"), help="default: detect")
+    p.add_argument("--validation", help="a validation file, to count train/validation overlap")
+    p.add_argument("--tokenizer", help="a tokenizer directory (default: SmolLM2-135M-Instruct's)")
+    p.set_defaults(fn=_data_check)
     p = sub.add_parser("verify", help="check every kernel's numerics on this machine against its reference")
     p.add_argument("--only", help="only ops whose name contains this")
     p.set_defaults(fn=_verify)

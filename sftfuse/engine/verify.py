@@ -33,7 +33,7 @@ def run_verify(only: str | None = None) -> int:
     if not checks:
         print("verify: no numerics check is registered", file=sys.stderr)
         return 1
-    for name, fn in sorted(checks.items()):
+    for _, fn in sorted(checks.items()):
         fn(ctx)
     where = torch.cuda.get_device_name() if on_gpu else "CPU, Triton interpreter"
     print(f"sftfuse verify on {where}\n")
@@ -42,7 +42,7 @@ def run_verify(only: str | None = None) -> int:
             for r in ctx.results]
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     for i, line in enumerate([head, *rows]):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     failed = sum(not r.passed for r in ctx.results)

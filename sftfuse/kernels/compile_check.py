@@ -127,7 +127,7 @@ def format_table(rows: list[Row]) -> str:
     body = [(r.label, str(r.cap), str(r.regs), str(r.spill), str(r.shared), str(SHARED_LIMIT[r.cap]), r.mma,
              r.async_copy, f"{r.seconds:.1f}", r.problem()) for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
