@@ -55,7 +55,7 @@ def test_lora_linear_matches_fp64(backend, shape, bias, p, dtype):
         leaves = [t.detach().requires_grad_() for t in (x, A, B)]
         yb = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], s, bias=b, keep=keep, p=p)
         base = [yb, *torch.autograd.grad(yb, leaves, dy)]
-    for i, (name, ours, ref) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads), (y64, *g64))):
+    for i, (name, ours, ref) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads), (y64, *g64), strict=True)):
         assert ours.dtype == dtype
         assert_close(ours.detach(), ref.detach(), baseline=base[i].detach() if base else None, name=name)
 
@@ -172,7 +172,7 @@ def test_matches_peft_lora_layer(backend, rslora, bias):
     y = ours(x)
     g = torch.autograd.grad(y, (x, ours.lora_A, ours.lora_B), dy)
     assert_close(y.detach(), y_ref.detach().double(), name="y")
-    for name, a, b in zip(("dx", "dA", "dB"), g, g_ref):
+    for name, a, b in zip(("dx", "dA", "dB"), g, g_ref, strict=True):
         assert_close(a, b.double(), name=name)
 
 
@@ -190,3 +190,57 @@ def test_frozen_input_gets_no_grad_and_adapters_still_train(backend):
                               dy.double())
     assert_close(dA, ref[0], name="dA")
     assert_close(dB, ref[1], name="dB")
+
+
+def _nf4_triton_missing(backend):
+    import importlib.util
+
+    return backend == "triton" and importlib.util.find_spec("sftfuse.kernels.nf4_triton") is None
+
+
+# NF4 base: odd out features (45) with in features 70, so the flattened weight ends in a partial 64-block; 128
+# wide at r=16 crosses the interpreter's 32-wide tiles. The reference uses the dequantized weight in fp64.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,p", [((37, 70, 45, 8), 0.0), ((40, 128, 96, 16), 0.2)], ids=["odd", "dropout"])
+def test_lora_linear_nf4_base(backend, shape, p, dtype):
+    from sftfuse.kernels.nf4 import dequantize_nf4, quantize_nf4
+
+    if _nf4_triton_missing(backend):
+        pytest.skip("NF4's Triton launchers (sftfuse.kernels.nf4_triton) are not on this branch yet")
+    M, K, N, r = shape
+    q = quantize_nf4(randn(N, K, scale=K**-0.5).to(dtype), blocksize=64, double_quant=True)
+    W = dequantize_nf4(q, dtype)
+    x = randn(M, K, dtype=dtype, requires_grad=True)
+    A = randn(r, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
+    B = randn(N, r, dtype=dtype, scale=r**-0.5, requires_grad=True)
+    b, dy = randn(N, dtype=dtype), randn(M, N, dtype=dtype)
+    y, grads, keep = _run(x, q, A, B, 2.0, b, p, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y64 = lora_linear_ref(leaves64[0], W, leaves64[1], leaves64[2], 2.0, bias=b, keep=keep, p=p, upcast=True)
+    g64 = torch.autograd.grad(y64, leaves64, dy.double())
+    base = None
+    if dtype != torch.float32:
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        yb = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, bias=b, keep=keep, p=p)
+        base = [yb.detach(), *torch.autograd.grad(yb, leaves, dy)]
+    for i, (name, ours, ref) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads), (y64, *g64), strict=True)):
+        assert_close(ours.detach(), ref.detach(), baseline=base[i] if base else None, name=name)
+
+
+def test_lora_module_over_nf4linear(backend):
+    from sftfuse.engine.modules import NF4Linear
+
+    if _nf4_triton_missing(backend):
+        pytest.skip("NF4's Triton launchers (sftfuse.kernels.nf4_triton) are not on this branch yet")
+    base = NF4Linear.from_linear(nn.Linear(64, 48), compute_dtype=torch.float32)
+    m = LoRALinear.from_linear(base, r=8, lora_alpha=16)
+    assert m.lora_A.dtype == torch.float32 and not any(p.requires_grad for p in base.parameters())
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = randn(3, 5, 64, requires_grad=True)
+    y = m(x)
+    W = base.dequantize()
+    ref = lora_linear_ref(x.reshape(-1, 64), W, m.lora_A, m.lora_B, 2.0, bias=base.bias, upcast=True)
+    assert_close(y.detach().reshape(-1, 48), ref.detach())
+    dA, = torch.autograd.grad(y.sum(), (m.lora_A,))
+    assert dA.shape == (8, 64)
