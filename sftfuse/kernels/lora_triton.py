@@ -3,10 +3,11 @@
 `_lora_mm_kernel` is one matmul with the adapter folded in. Forward: y = x W^T + b + s t B^T, where the same K
 loop that reads x for x W^T also forms t = dropout(x) A^T (an extra R-wide dot, the mask regenerated in registers)
 and the programs of the first column block store t. Backward (dx): dx = dy W + s mask (u A) / (1 - p), the K loop
-over dy forming u = dy B alongside. With an NF4 base the base product comes from NF4's own launchers
-(`nf4_matmul_fwd` / `nf4_matmul_bwd`, which decode NF4 in registers) and this kernel runs with HAS_W=False: it
-adds the adapter term in its epilogue (one extra read and write of y or dx). `_lora_reduce_kernel` forms dA^T =
-s/(1-p) dropout(x)^T u and dB = s dy^T t, split over tokens for parallelism, fp32 partials summed after.
+over dy forming u = dy B alongside. An NF4 base (IS_NF4) is decoded in registers inside the K loop (nibble ->
+code -> block scale, double-quantized scales included; bitsandbytes' layout as in `sftfuse.kernels.nf4`) up to
+nf4's FUSED_MAX_TOKENS tokens; above, the GEMM is compute-bound and the weight is dequantized once instead.
+`_lora_reduce_kernel` forms dA^T = s/(1-p) dropout(x)^T u and dB = s dy^T t, split over tokens for parallelism,
+fp32 partials summed after.
 Limits: r <= 64 (one R tile; larger ranks take the PyTorch path). fp32 inputs use IEEE fp32 dots (no TF32).
 """
 
@@ -61,9 +62,26 @@ def _keep_tile(row_keys, col_keys, thr):
 
 
 @triton.jit
+def _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, flat, mask,
+              DOUBLE_QUANT: tl.constexpr, NF4_BLOCK: tl.constexpr):
+    """fp32 values of the NF4 weight at flat indices `flat` (bitsandbytes' layout, `sftfuse.kernels.nf4`)."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    code = tl.load(code_ptr + ((byte >> ((1 - (flat & 1)) * 4)) & 15))  # element 2i in the high nibble
+    blk = flat // NF4_BLOCK
+    if DOUBLE_QUANT:  # absmax = dyn[qa] * absmax2[blk // 256] + offset
+        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // 256, mask=mask, other=0.0) + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return code * scale
+
+
+@triton.jit
 def _lora_mm_kernel(
     # pointers: X (M, K) @ W (K, N) + s * [mask](Z @ V), Z = [mask](X) @ D (M, R) also stored to z_ptr
     x_ptr, w_ptr, d_ptr, v_ptr, bias_ptr, y_ptr, z_ptr,
+    # NF4 base (IS_NF4): packed nibbles, block absmax (uint8 with double quant), nested scales, codes, offset
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, nf4_offset,
     # sizes
     M, N, K, R_REAL,
     # strides
@@ -72,8 +90,8 @@ def _lora_mm_kernel(
     # scalars: s (times 1/(1-p) when OUT_MASK), Z's scale (1/(1-p) when IN_MASK), dropout seed and threshold
     scaling, z_scale, seed, thr,
     # flags
-    HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr, OUT_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NF4_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr, OUT_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row blocks share each W column block while it sits in L2.
@@ -98,12 +116,16 @@ def _lora_mm_kernel(
                     mask=(offs_k[:, None] < K) & (offs_r[None, :] < R_REAL), other=0.0)
         if UPCAST:  # the interpreter computes bf16 arithmetic wrongly: fp32 throughout
             x, d = x.to(tl.float32), d.to(tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        if IS_NF4:  # W's flat index is k * stride_wk + n * stride_wn in either layout: decode in registers
+            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, nf4_offset,
+                          offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, w_mask, DOUBLE_QUANT, NF4_BLOCK)
+            w = w.to(x.dtype)
+        else:
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=w_mask, other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=PREC)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
         if IN_MASK:  # forward dropout on the adapter's input, regenerated from the seed, never stored
             keep = _keep_tile(row_keys, _keys(offs_k, seed, 0x27D4EB2F, 0x165667B1), thr)
             x = tl.where(keep, x, tl.zeros_like(x))
@@ -124,8 +146,6 @@ def _lora_mm_kernel(
         corr = tl.where(keep, corr, 0.0)
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if not HAS_W:  # the base product came from another kernel (NF4): accumulate onto it
-        acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
     acc += scaling * corr
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -173,14 +193,16 @@ def _rank_tile(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _config(dtype: torch.dtype, R: int) -> dict:
+def _config(dtype: torch.dtype, R: int, nf4: bool = False) -> dict:
     """Block sizes: small tiles under the interpreter; tensor-core tiles that compile without spills on GPU."""
     if interpreter_active():
         return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return _gpu_config(dtype, R)
+    return _gpu_config(dtype, R, nf4)
 
 
-def _gpu_config(dtype: torch.dtype, R: int) -> dict:
+def _gpu_config(dtype: torch.dtype, R: int, nf4: bool = False) -> dict:
+    if nf4:  # the decode's gathers and the uint8 tiles: a 32-deep K tile keeps shared memory in bounds, no spills
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
     if dtype == torch.float32:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
     if R > 32:  # the (BLOCK_M, R) projection takes registers: a narrower tile avoids spills on sm_80
@@ -192,19 +214,34 @@ def _flags(dtype):
     return {"UPCAST": interpreter_active(), "PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
-def _launch_mm(x, w, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale, seed, thr,
-               in_mask, out_mask):
+def _weight(base, x, M):
+    """(dense W or None, NF4 kernel args): NF4 decodes in registers up to FUSED_MAX_TOKENS tokens (bound by
+    weight bytes); above, the GEMM is compute-bound and one dequantize pass is cheaper than decoding per M tile."""
+    if isinstance(base, torch.Tensor):
+        return base.contiguous(), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False, "NF4_BLOCK": 64}
+    from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, dequantize_nf4
+
+    if M > FUSED_MAX_TOKENS or (x.dtype == torch.float32 and not interpreter_active()):
+        return dequantize_nf4(base, x.dtype), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False,
+                                                                     "NF4_BLOCK": 64}
+    dq = base.nested_absmax is not None
+    q = (base.packed, base.absmax, base.nested_absmax if dq else base.code, base.nested_code if dq else base.code,
+         base.code, float(base.offset))
+    return None, q, {"IS_NF4": True, "DOUBLE_QUANT": dq, "NF4_BLOCK": base.blocksize}
+
+
+def _launch_mm(x, w, q, nf4_flags, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale,
+               seed, thr, in_mask, out_mask):
     M, R = x.shape[0], _rank_tile(z.shape[1])
-    cfg = _config(x.dtype, R)
+    cfg = _config(x.dtype, R, nf4_flags["IS_NF4"])
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _lora_mm_kernel[grid](
-        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z,
+        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z, *q,
         M, n, k, z.shape[1],
-        x.stride(0), x.stride(1), *(w_strides or (0, 0)), *d_strides, *v_strides, y.stride(0), y.stride(1),
-        z.stride(0),
+        x.stride(0), x.stride(1), *w_strides, *d_strides, *v_strides, y.stride(0), y.stride(1), z.stride(0),
         scaling, z_scale, seed, thr,
-        HAS_W=w is not None, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **_flags(x.dtype),
+        **nf4_flags, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **_flags(x.dtype),
         R=R, GROUP_M=8, **cfg, num_warps=warps, num_stages=stages)
 
 
@@ -232,15 +269,10 @@ def lora_fwd_triton(x, base, A, B, s, bias, seed, p):
     M, K = x.shape
     N = B.shape[0]
     t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
-    if isinstance(base, torch.Tensor):
-        W = base.contiguous()
-        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        w_strides = (W.stride(1), W.stride(0))  # W^T (K, N)
-    else:  # NF4 base: its own kernel for x W^T + b, then the adapter term added in place by ours
-        from sftfuse.kernels.nf4 import nf4_matmul_fwd
-
-        W, y, w_strides, bias = None, nf4_matmul_fwd(x, base, bias).contiguous(), None, None
-    _launch_mm(x, W, A, B, bias, y, t, n=N, k=K, w_strides=w_strides, d_strides=(A.stride(1), A.stride(0)),
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    W, q, nf4_flags = _weight(base, x, M)
+    # W^T (K, N) of a contiguous (N, K) W; the NF4 flat index uses the same strides
+    _launch_mm(x, W, q, nf4_flags, A, B, bias, y, t, n=N, k=K, w_strides=(1, K), d_strides=(A.stride(1), A.stride(0)),
                v_strides=(B.stride(1), B.stride(0)), scaling=s, z_scale=1.0 / (1.0 - p), seed=seed,
                thr=dropout_threshold(p), in_mask=p > 0, out_mask=False)
     return y, t
@@ -257,15 +289,11 @@ def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
     dx = None
     if not need_dx:
         u = dy @ B
-    elif isinstance(base, torch.Tensor):  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop
-        W = base.contiguous()
-        dx, w_strides = torch.empty(M, K, device=dy.device, dtype=dy.dtype), (W.stride(0), W.stride(1))
-    else:
-        from sftfuse.kernels.nf4 import nf4_matmul_bwd
-
-        W, dx, w_strides = None, nf4_matmul_bwd(dy, base).contiguous(), None
-    if need_dx:
-        _launch_mm(dy, W, B, A, None, dx, u, n=K, k=N, w_strides=w_strides, d_strides=(B.stride(0), B.stride(1)),
+    else:  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop; W (N, K) read as is
+        W, q, nf4_flags = _weight(base, dy, M)
+        dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+        _launch_mm(dy, W, q, nf4_flags, B, A, None, dx, u, n=K, k=N, w_strides=(K, 1),
+                   d_strides=(B.stride(0), B.stride(1)),
                    v_strides=(A.stride(0), A.stride(1)), scaling=s / (1.0 - p), z_scale=1.0, seed=seed, thr=thr,
                    in_mask=False, out_mask=p > 0)
     dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr, in_mask=p > 0).T.to(x.dtype)
@@ -279,23 +307,25 @@ def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _mm_spec(dtype, R, backward, has_w=True):
+def _mm_spec(dtype, R, backward, is_nf4=False):
     ty = _TY[dtype]
-    cfg = _gpu_config(dtype, R)
+    cfg = _gpu_config(dtype, R, is_nf4)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     sig = {n: f"*{ty}" for n in ("x_ptr", "w_ptr", "d_ptr", "v_ptr", "bias_ptr", "y_ptr", "z_ptr")}
     sig |= {n: "i32" for n in ("M", "N", "K", "R_REAL", "stride_xm", "stride_xk", "stride_wk", "stride_wn",
                                "stride_dk", "stride_dr", "stride_vr", "stride_vn", "stride_ym", "stride_yn",
                                "stride_zm", "seed", "thr")}
-    sig |= {"scaling": "fp32", "z_scale": "fp32"}
+    sig |= {"scaling": "fp32", "z_scale": "fp32", "nf4_offset": "fp32", "packed_ptr": "*u8", "absmax_ptr": "*u8",
+            "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "code_ptr": "*fp32"}
     # Unit inner strides as the launchers make them (contiguous x, W, A, B, y): pipelined async loads.
     units = ("stride_xk", "stride_wn", "stride_dr", "stride_vn", "stride_yn") if backward else \
         ("stride_xk", "stride_wk", "stride_dk", "stride_vr", "stride_yn")
     const = {n: 1 for n in units} | dict(
-        HAS_W=has_w, HAS_BIAS=not backward, IN_MASK=not backward, OUT_MASK=backward, UPCAST=False,
+        IS_NF4=is_nf4, DOUBLE_QUANT=is_nf4, NF4_BLOCK=64, HAS_BIAS=not backward, IN_MASK=not backward,
+        OUT_MASK=backward, UPCAST=False,
         PREC="ieee" if dtype == torch.float32 else "tf32", R=R, GROUP_M=8, **cfg)
     sig |= {n: "constexpr" for n in const}
-    name = f"lora_mm_{'bwd' if backward else 'fwd'}{'' if has_w else '_epilogue'}_{ty}_r{R}"
+    name = f"lora_mm_{'bwd' if backward else 'fwd'}{'_nf4' if is_nf4 else ''}_{ty}_r{R}"
     return KernelSpec(name, _lora_mm_kernel, sig, const, num_warps=warps, num_stages=stages,
                       divisible=("x_ptr", "w_ptr", "d_ptr", "v_ptr", "y_ptr", "z_ptr", "M", "N", "K",
                                  "stride_xm", "stride_ym", "stride_wk" if backward else "stride_wn"))
@@ -316,7 +346,8 @@ def _reduce_spec(dtype, R, masked):
 
 def _specs():
     specs = [_mm_spec(torch.bfloat16, R, bwd) for R in (16, 64) for bwd in (False, True)]
-    specs += [_mm_spec(torch.bfloat16, 16, False, has_w=False), _mm_spec(torch.float32, 16, False),
+    specs += [_mm_spec(torch.bfloat16, R, bwd, is_nf4=True) for R in (16, 64) for bwd in (False, True)]
+    specs += [_mm_spec(torch.float32, 16, False),
               _mm_spec(torch.float32, 16, True)]
     specs += [_reduce_spec(torch.bfloat16, R, m) for R, m in ((16, True), (64, False))]
     return specs + [_reduce_spec(torch.float32, 16, True)]
