@@ -357,34 +357,38 @@ register_kernel("lora", _specs)
 
 
 def _check(ctx: CheckContext) -> None:
-    """lora_linear (Triton path) forward and backward against the fp64 reference, with and without dropout."""
-    shapes = [(4096, 2048, 4096, 16), (1024, 576, 1536, 64)] if ctx.large else [(67, 70, 45, 8)]
+    """lora_linear (Triton path) forward and backward against the fp64 reference: 16-bit and NF4 bases, with and
+    without dropout. The NF4 reference multiplies by the weight dequantized on the PyTorch path."""
+    from sftfuse.kernels.nf4 import _dequantize_torch, quantize_nf4
+
+    shapes = [(2048, 2048, 4096, 16), (1024, 576, 1536, 64)] if ctx.large else [(67, 70, 45, 8)]
     for dtype in ctx.dtypes:
-        for M, K, N, r in shapes:
-            for p in (0.0, 0.1):
-                g = torch.Generator(device="cpu").manual_seed(0)
+        for (M, K, N, r), nf4, p in [(s, nf4, p) for s in shapes for nf4 in (False, True) for p in (0.0, 0.1)]:
+            g = torch.Generator(device="cpu").manual_seed(0)
 
-                def rnd(*shape, scale=1.0, g=g, dtype=dtype):
-                    return (torch.randn(*shape, generator=g) * scale).to(device=ctx.device, dtype=dtype)
+            def rnd(*shape, scale=1.0, g=g, dtype=dtype):
+                return (torch.randn(*shape, generator=g) * scale).to(device=ctx.device, dtype=dtype)
 
-                x, W, A, B, dy = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(r, K, scale=K**-0.5), rnd(N, r), rnd(M, N)
-                seed = 1234
-                y, t = lora_linear_fwd(x, W, A, B, 2.0, seed=seed, p=p)
-                dx, dA, dB = lora_linear_bwd(dy, x, t, W, A, B, 2.0, seed=seed, p=p)
-                keep = dropout_mask(seed, M, K, p, device=ctx.device) if p > 0 else None
-                leaves = [v.double().requires_grad_() for v in (x, A, B)]
-                y64 = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, keep=keep, p=p, upcast=True)
-                refs = [y64.detach(), *torch.autograd.grad(y64, leaves, dy.double())]
-                base = None
-                if dtype != torch.float32:
-                    lo = [v.detach().requires_grad_() for v in (x, A, B)]
-                    yb = lora_linear_ref(lo[0], W, lo[1], lo[2], 2.0, keep=keep, p=p)
-                    base = [yb.detach(), *torch.autograd.grad(yb, lo, dy)]
-                for i, (name, ours) in enumerate(zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), strict=True)):
-                    be = max_error(base[i], refs[i]) if base else None
-                    ctx.results.append(CheckResult(f"lora_linear {name} p={p}", "triton", str(dtype).split(".")[-1],
-                                                   f"{M}x{K}->{N} r={r}", max_error(ours, refs[i]),
-                                                   tolerance(refs[i], dtype, be)))
+            x, W, A, B, dy = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(r, K, scale=K**-0.5), rnd(N, r), rnd(M, N)
+            base = quantize_nf4(W) if nf4 else W
+            W = _dequantize_torch(base, dtype) if nf4 else W
+            seed = 1234
+            y, t = lora_linear_fwd(x, base, A, B, 2.0, seed=seed, p=p)
+            dx, dA, dB = lora_linear_bwd(dy, x, t, base, A, B, 2.0, seed=seed, p=p)
+            keep = dropout_mask(seed, M, K, p, device=ctx.device) if p > 0 else None
+            leaves = [v.double().requires_grad_() for v in (x, A, B)]
+            y64 = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, keep=keep, p=p, upcast=True)
+            refs = [y64.detach(), *torch.autograd.grad(y64, leaves, dy.double())]
+            lows = None
+            if dtype != torch.float32:
+                lo = [v.detach().requires_grad_() for v in (x, A, B)]
+                yb = lora_linear_ref(lo[0], W, lo[1], lo[2], 2.0, keep=keep, p=p)
+                lows = [yb.detach(), *torch.autograd.grad(yb, lo, dy)]
+            for i, (name, ours) in enumerate(zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), strict=True)):
+                be = max_error(lows[i], refs[i]) if lows else None
+                ctx.results.append(CheckResult(f"lora_linear {name} p={p}", "triton", str(dtype).split(".")[-1],
+                                               f"{M}x{K}->{N} r={r} {'nf4' if nf4 else 'dense'}",
+                                               max_error(ours, refs[i]), tolerance(refs[i], dtype, be)))
 
 
 register_check("lora", _check)
