@@ -209,6 +209,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from sftfuse.engine.functions import lora_linear
 
+        if hasattr(self.base_layer, "quant"):  # NF4 base: compute in its compute dtype, like NF4Linear
+            y = lora_linear(x.to(self.base_layer.compute_dtype), self._base(), self.lora_A, self.lora_B,
+                            self.scaling, bias=self.base_layer.bias, dropout=self.lora_dropout, training=self.training)
+            return y.to(x.dtype)
         return lora_linear(x, self._base(), self.lora_A, self.lora_B, self.scaling, bias=self.base_layer.bias,
                            dropout=self.lora_dropout, training=self.training)
 
