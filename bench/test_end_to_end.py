@@ -1,0 +1,184 @@
+"""End-to-end SFT step on the default model: HF + PEFT against the same model patched by sftfuse.
+
+SmolLM2-135M-Instruct (Llama: hidden 576, 30 layers, vocab 49152, tied embeddings), batch 4 x 256 tokens with
+the first half of every row a prompt (labels -100), AdamW over the adapters, CPU. Configurations:
+  a  HF + PEFT LoRA r=16 on all linears, bf16 base (PEFT keeps fp32 adapters): the baseline
+  b  a, patched by sftfuse (fused LoRA in bf16, fused linear + cross-entropy: no logits)
+  c  HF + PEFT LoRA over bitsandbytes NF4 Linear4bit (bf16 compute), if bitsandbytes runs on this CPU
+  d  sftfuse QLoRA: quantize_model (NF4, double quant) + sftfuse LoRALinear + patch_model; `gc` adds gradient
+     checkpointing (non-reentrant), reported as its own row
+Each configuration runs in its own process (`python bench/test_end_to_end.py CONFIG`), so one's allocator state
+and peak never leak into another's. FLOPs of a LoRA step: about 4 x params x tokens (forward, and backward to
+the inputs; frozen weights get no gradient): 4 x 135e6 x 1024 = 0.55 TFLOP, reported as GFLOP/s.
+
+Memory: `model_rss` is the RSS once the model is loaded and prepared (quantized, adapters added); the step's peak
+is measured after the timed steps, in one more step with glibc returning every block of 64 KiB or more on free
+(the high-water mark reset through /proc/self/clear_refs just before). `peak_above_model` = that peak - model_rss
+(activations, gradients, optimizer state, workspace); `peak_total` = the peak itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BATCH, SEQ, RANK = 4, 256, 16
+TOKENS = BATCH * SEQ
+STEP_FLOP = 4 * 135e6 * TOKENS
+CONFIGS = {
+    "a": "HF + PEFT LoRA r=16, bf16",
+    "b": "a + sftfuse.patch_model",
+    "c": "HF + PEFT LoRA over bitsandbytes NF4",
+    "d": "sftfuse QLoRA (quantize_model + LoRALinear + patch_model)",
+    "d+gc": "d + gradient checkpointing",
+}
+
+
+def _status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _batch():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, : SEQ // 2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _build(config: str):
+    import torch
+
+    from sftfuse.engine.models import load_default_model
+
+    bf16 = torch.bfloat16
+    if config in ("a", "b"):
+        import peft
+
+        model, _ = load_default_model(dtype=bf16)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear"))
+    elif config == "c":
+        import peft
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from sftfuse.engine.models import cache_dir
+
+        load_default_model(dtype=bf16)  # makes sure the safetensors cache exists
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=bf16)
+        model = AutoModelForCausalLM.from_pretrained(cache_dir() / "SmolLM2-135M-Instruct", dtype=bf16,
+                                                     quantization_config=qcfg, device_map="cpu")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear"))
+    else:
+        from sftfuse.engine.modules import LoRALinear, NF4Linear
+        from sftfuse.engine.quantize import quantize_model
+
+        model, _ = load_default_model(dtype=bf16)
+        quantize_model(model, compute_dtype=bf16)
+        model.requires_grad_(False)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, NF4Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child,
+                        LoRALinear.from_linear(module, r=RANK, lora_alpha=32))
+    if config.endswith("+gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    report = None
+    if config in ("b", "d", "d+gc"):
+        from sftfuse.engine.patcher import patch_model
+
+        report = str(patch_model(model, strict=True))
+    return model.train(), report
+
+
+def worker(config: str, steps: int) -> dict:
+    """Run one configuration in this process; returns its measurements."""
+    import torch
+
+    libc = ctypes.CDLL("libc.so.6")
+    model, report = _build(config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batch = _batch()
+    gc.collect()
+    libc.malloc_trim(0)
+    model_rss = _status("VmRSS:")
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    losses, times = [step()], []  # the first step allocates the optimizer state: warm-up
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks go back to the OS on free
+    gc.collect()
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    losses.append(step())
+    peak = _status("VmHWM:")
+    s = statistics.median(times)
+    return {"config": config, "what": CONFIGS[config], "s_per_step": s, "tokens_per_s": TOKENS / s,
+            "gflops": STEP_FLOP / s / 1e9, "model_rss_mb": model_rss / 2**20,
+            "peak_above_model_mb": (peak - model_rss) / 2**20, "peak_total_mb": peak / 2**20,
+            "loss_first": losses[0], "loss_last": losses[-1], "steps_timed": steps, "threads": torch.get_num_threads(),
+            "patch_report": report}
+
+
+def run_config(config: str, steps: int = 3, timeout: int = 900) -> dict:
+    """Run `config` in a fresh interpreter; returns its row, or {"error": ...} when it cannot run here."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, __file__, config, str(steps)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"config": config, "what": CONFIGS[config], "error": " | ".join(tail)[-300:]}
+    return json.loads(lines[-1])
+
+
+_ROWS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_end_to_end(config, benchmark, bench_record):
+    row = benchmark.pedantic(run_config, args=(config,), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "patch_report"})
+    base = _ROWS.get("a")
+    if base and "error" not in row and "error" not in base:
+        row["speed_vs_a"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["mem_above_model_vs_a"] = row["peak_above_model_mb"] / base["peak_above_model_mb"]
+        row["total_mem_vs_a"] = row["peak_total_mb"] / base["peak_total_mb"]
+    _ROWS[config] = row
+    bench_record("end_to_end", {k: v for k, v in row.items() if k != "patch_report"})
+    if row.get("patch_report"):
+        print(row["patch_report"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 3:  # threads: on a machine other jobs load, one thread avoids OpenMP oversubscription
+        import torch
+
+        torch.set_num_threads(int(sys.argv[3]))
+    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
