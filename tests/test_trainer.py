@@ -133,9 +133,7 @@ def test_end_to_end_report_and_peft_logits(tiny_dir, data_dir, tmp_path):
 
 
 def _cli(args: list[str]) -> list[str]:
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _standins; _standins.install(); "
-            "from sftfuse.engine.cli import main; sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-c", code, *args]
+    return [sys.executable, "-m", "sftfuse.engine.cli", *args]
 
 
 def test_resume_after_sigkill_reproduces_losses(tiny_dir, data_dir, tmp_path):
@@ -202,7 +200,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_qlora_bf16_path_tracks_fp32_and_learns(tiny_dir, data_dir, tmp_path):
-    """The default recipe's path at tiny size: NF4 base, bf16 compute, fp32 master adapter weights. On two rows
+    """The default recipe's path at tiny size: NF4 base, patched, bf16 compute, fp32 master adapter weights. On two rows
     it must learn (loss down > 10% in 10 steps) and stay within 2% of the same run in fp32 without quantization
     at every step (NF4 error on this tiny model is small next to what the adapter learns)."""
     from sftfuse.engine.modules import LoRALinear, NF4Linear
@@ -214,7 +212,7 @@ def test_qlora_bf16_path_tracks_fp32_and_learns(tiny_dir, data_dir, tmp_path):
     for qlora, dtype in ((False, "fp32"), (True, "bf16")):
         out = tmp_path / f"q{qlora}"
         cfg = load_config(None, _overrides(tiny_dir, data_dir, out, train_file=fit, qlora=qlora, dtype=dtype,
-                                           max_steps=10, lr=1e-2, warmup_steps=0, eval_interval=0,
+                                           patch=qlora, max_steps=10, lr=1e-2, warmup_steps=0, eval_interval=0,
                                            checkpoint_interval=0, lora_r=8, grad_accum=1))
         t = Trainer(cfg, quiet=True)
         try:
