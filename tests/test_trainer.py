@@ -234,7 +234,8 @@ def test_qlora_bf16_path_tracks_fp32_and_learns(tiny_dir, data_dir, tmp_path):
 
 def test_torchrun_two_processes_match_one_with_accumulation(tiny_dir, data_dir, tmp_path):
     """DDP (gloo, 2 CPU processes, 1 micro-batch each) sees the same rows per step as one process accumulating 2
-    micro-batches, and the loss is normalized by the tokens of the whole step across processes: equal losses."""
+    micro-batches, and the loss is normalized by the tokens of the whole step across processes: equal losses.
+    The single process also recomputes activations (gradient checkpointing), which must not change them."""
     import shutil
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -245,7 +246,8 @@ def test_torchrun_two_processes_match_one_with_accumulation(tiny_dir, data_dir, 
                     *_overrides(tiny_dir, data_dir, ddp, grad_accum=1, **kw)],
                    env=env, check=True, capture_output=True, cwd=ROOT, timeout=300)
     single = tmp_path / "single"
-    train(load_config(None, _overrides(tiny_dir, data_dir, single, grad_accum=2, **kw)), quiet=True)
+    train(load_config(None, _overrides(tiny_dir, data_dir, single, grad_accum=2, gradient_checkpointing=True, **kw)),
+          quiet=True)
     a, b = _losses(ddp), _losses(single)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
