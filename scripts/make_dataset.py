@@ -63,7 +63,7 @@ def unit_convert(r: random.Random) -> tuple[str, str]:
 
 
 def sort_numbers(r: random.Random) -> tuple[str, str]:
-    nums = r.sample(range(1, 100), r.randint(3, 5))
+    nums = r.sample(range(1, 100), r.randint(3, 4))
     prompt = r.choice(["Sort these numbers in ascending order. Reply with the numbers separated by commas only.",
                        "Order from smallest to largest, comma-separated, nothing else."])
     return f"{prompt}\n{', '.join(map(str, nums))}", ", ".join(map(str, sorted(nums)))
@@ -94,7 +94,7 @@ def snake_case(r: random.Random) -> tuple[str, str]:
 
 
 def count_items(r: random.Random) -> tuple[str, str]:
-    items = r.sample(ITEMS, r.randint(2, 8))
+    items = r.sample(ITEMS, r.randint(2, 6))
     prompt = r.choice(["How many items are in this list? Reply with a number only.",
                        "Count the items below. Reply with digits only."])
     return f"{prompt}\n{', '.join(items)}", str(len(items))

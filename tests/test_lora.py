@@ -15,7 +15,7 @@ from torch import nn
 
 from sftfuse.engine.functions import lora_linear
 from sftfuse.engine.modules import LoRALinear
-from sftfuse.kernels.lora import dropout_mask, lora_linear_ref, new_seed
+from sftfuse.kernels.lora import _drop_mask, dropout_mask, lora_linear_ref, new_seed
 
 # (tokens, in, out, r): odd sizes below every block (37, 29, 23) with r=1; sizes that cross a 32/64 block edge
 # with r=8 and r=16 (the default rank); r=64 (the widest R tile); and SmolLM2's k_proj 576->192 at r=16.
@@ -55,7 +55,7 @@ def test_lora_linear_matches_fp64(backend, shape, bias, p, dtype):
         leaves = [t.detach().requires_grad_() for t in (x, A, B)]
         yb = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], s, bias=b, keep=keep, p=p)
         base = [yb, *torch.autograd.grad(yb, leaves, dy)]
-    for i, (name, ours, ref) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads), (y64, *g64))):
+    for i, (name, ours, ref) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads), (y64, *g64), strict=True)):
         assert ours.dtype == dtype
         assert_close(ours.detach(), ref.detach(), baseline=base[i].detach() if base else None, name=name)
 
@@ -71,6 +71,8 @@ def test_dropout_mask_is_a_function_of_the_seed():
     # The mask of a sub-block equals the sub-block of the mask: it depends on (row, col) only, not on the size.
     assert torch.equal(dropout_mask(7, 30, 50, 0.3), a[:30, :50])
     assert dropout_mask(7, 30, 50, 0.0).all()
+    # The CPU path's table lookup gives the same bits as the arithmetic definition (and the kernels).
+    assert torch.equal(~_drop_mask(7, 300, 500, 0.3, a.device), a)
 
 
 def test_dropout_expectation_over_seeds(backend):
@@ -170,7 +172,7 @@ def test_matches_peft_lora_layer(backend, rslora, bias):
     y = ours(x)
     g = torch.autograd.grad(y, (x, ours.lora_A, ours.lora_B), dy)
     assert_close(y.detach(), y_ref.detach().double(), name="y")
-    for name, a, b in zip(("dx", "dA", "dB"), g, g_ref):
+    for name, a, b in zip(("dx", "dA", "dB"), g, g_ref, strict=True):
         assert_close(a, b.double(), name=name)
 
 
@@ -188,3 +190,49 @@ def test_frozen_input_gets_no_grad_and_adapters_still_train(backend):
                               dy.double())
     assert_close(dA, ref[0], name="dA")
     assert_close(dB, ref[1], name="dB")
+
+
+# NF4 base: odd out features (45) with in features 70, so the flattened weight ends in a partial 64-block; 128
+# wide at r=16 crosses the interpreter's 32-wide tiles. The reference uses the dequantized weight in fp64; on the
+# Triton path the kernel decodes NF4 in registers (in the interpreter, kept in fp32 rather than rounded to bf16).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,p", [((37, 70, 45, 8), 0.0), ((40, 128, 96, 16), 0.2)], ids=["odd", "dropout"])
+def test_lora_linear_nf4_base(backend, shape, p, dtype):
+    from sftfuse.kernels.nf4 import _dequantize_torch, quantize_nf4
+
+    M, K, N, r = shape
+    q = quantize_nf4(randn(N, K, scale=K**-0.5).to(dtype), blocksize=64, double_quant=True)
+    W = _dequantize_torch(q, dtype)  # the oracle's weight, on the PyTorch path whatever the backend
+    x = randn(M, K, dtype=dtype, requires_grad=True)
+    A = randn(r, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
+    B = randn(N, r, dtype=dtype, scale=r**-0.5, requires_grad=True)
+    b, dy = randn(N, dtype=dtype), randn(M, N, dtype=dtype)
+    y, grads, keep = _run(x, q, A, B, 2.0, b, p, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y64 = lora_linear_ref(leaves64[0], W, leaves64[1], leaves64[2], 2.0, bias=b, keep=keep, p=p, upcast=True)
+    g64 = torch.autograd.grad(y64, leaves64, dy.double())
+    base = None
+    if dtype != torch.float32:
+        leaves = [t.detach().requires_grad_() for t in (x, A, B)]
+        yb = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, bias=b, keep=keep, p=p)
+        base = [yb.detach(), *torch.autograd.grad(yb, leaves, dy)]
+    for i, (name, ours, ref) in enumerate(zip(("y", "dx", "dA", "dB"), (y, *grads), (y64, *g64), strict=True)):
+        assert_close(ours.detach(), ref.detach(), baseline=base[i] if base else None, name=name)
+
+
+def test_lora_module_over_nf4linear(backend):
+    from sftfuse.engine.modules import NF4Linear
+    from sftfuse.kernels.nf4 import _dequantize_torch
+
+    base = NF4Linear.from_linear(nn.Linear(64, 48), compute_dtype=torch.float32)
+    m = LoRALinear.from_linear(base, r=8, lora_alpha=16)
+    assert m.lora_A.dtype == torch.float32 and not any(p.requires_grad for p in base.parameters())
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = randn(3, 5, 64, requires_grad=True)
+    y = m(x)
+    W = _dequantize_torch(base.quant, torch.float32)
+    ref = lora_linear_ref(x.reshape(-1, 64), W, m.lora_A, m.lora_B, 2.0, bias=base.bias, upcast=True)
+    assert_close(y.detach().reshape(-1, 48), ref.detach())
+    dA, = torch.autograd.grad(y.sum(), (m.lora_A,))
+    assert dA.shape == (8, 64)

@@ -121,10 +121,11 @@ def test_bad_inputs():
         nf4_matmul(randn(3, 64), randn(8, 64))
 
 
-# Matmul shapes: (tokens, in, out). 1 token (decode-like), odd sizes not multiple of any tile (37, 99, 129,
-# 1000), a real SmolLM2 projection (576 -> 192), in_features odd so rows start mid-byte (129). The Triton path
-# runs in the interpreter, so its shapes stay small.
-MATMUL_SHAPES = [(1, 64, 96), (37, 129, 99), (5, 1000, 67), (130, 576, 192)]
+# Matmul cases: (tokens, in, out, double_quant). 1 and 5 tokens take the small-M kernel config, 37 and 130 the
+# large one; in = 64 and 576 are multiples of the blocksize (the kernels' one-scale-per-row ALIGNED path), 129
+# and 1000 are not (blocks straddle rows; 129 is odd, so rows start mid-byte); out sizes are no multiple of any
+# tile except SmolLM2's 192; each path meets both scale formats. The Triton path runs in the interpreter.
+MATMUL_SHAPES = [(1, 64, 96, False), (37, 129, 99, True), (5, 1000, 67, False), (130, 576, 192, True)]
 
 
 @pytest.mark.parametrize("shape", MATMUL_SHAPES)
@@ -133,10 +134,8 @@ MATMUL_SHAPES = [(1, 64, 96), (37, 129, 99), (5, 1000, 67), (130, 576, 192)]
 def test_nf4_matmul_fwd_bwd(backend, shape, dtype, with_bias):
     """Forward and backward vs fp64 on the dequantized weight. bf16: the kernels upcast to fp32 under the
     interpreter, so the bound is PyTorch's own bf16 F.linear error (a bf16 GEMM on the bf16-rounded weight)."""
-    m, k, n = shape
-    if backend == "triton" and m * k * n > 2_000_000:
-        pytest.skip("kept small for the Triton interpreter")
-    q = quantize_nf4(randn(n, k), double_quant=(k % 2 == 1))  # both scale formats across the grid
+    m, k, n, double_quant = shape
+    q = quantize_nf4(randn(n, k), double_quant=double_quant)
     x = randn(m, k, dtype=dtype, requires_grad=True)
     bias = randn(n, dtype=dtype, requires_grad=True) if with_bias else None
     y = nf4_matmul(x, q, bias)
@@ -192,7 +191,7 @@ def test_dequantize_paths_agree(backend, dtype):
 
 def test_cpu_tiles_bound_the_16bit_buffer(monkeypatch):
     """With a small tile budget the CPU path decodes several row tiles and still matches."""
-    import sftfuse.kernels.nf4 as nf4
+    from sftfuse.kernels import nf4
 
     monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
     monkeypatch.setattr(nf4, "TILE_ELEMS", 64 * 129 * 2)  # 2 row steps of 64 rows (129 is odd: 64-row steps)
@@ -203,3 +202,15 @@ def test_cpu_tiles_bound_the_16bit_buffer(monkeypatch):
     w = dequantize_nf4(q, torch.bfloat16)
     assert torch.equal(nf4_matmul_fwd(x, q), F.linear(x, w))
     assert_close(nf4_matmul_bwd(dy, q), dy.double() @ w.double(), baseline=dy @ w)
+
+
+def test_large_token_route(backend, monkeypatch):
+    """Above FUSED_MAX_TOKENS the Triton launcher dequantizes and calls the library GEMM: same results."""
+    if backend == "triton":
+        from sftfuse.kernels import nf4_triton
+
+        monkeypatch.setattr(nf4_triton, "FUSED_MAX_TOKENS", 8)
+    q = quantize_nf4(randn(33, 129))
+    x, dy = randn(20, 129), randn(20, 33)
+    assert_close(nf4_matmul_fwd(x, q), nf4_matmul_ref(x, q))
+    assert_close(nf4_matmul_bwd(dy, q), dy.double() @ dequantize_nf4(q, torch.float32).double())

@@ -13,9 +13,38 @@ def _verify(args) -> int:
 
 
 def _train(args) -> int:
-    print("sftfuse train: fine-tunes SmolLM2-135M-Instruct (QLoRA, patched kernels) on the bundled dataset.\n"
-          "Not built yet (issue 7).", file=sys.stderr)
-    return 2
+    from sftfuse.engine.config import TrainConfig, load_config
+    from sftfuse.engine.trainer import train
+
+    flags = [f"{name}={value}" for name in TrainConfig.__dataclass_fields__
+             if (value := getattr(args, f"opt_{name}", None)) is not None]
+    cfg = load_config(args.config, [*flags, *args.overrides])
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _merge(args) -> int:
+    from sftfuse.engine.adapter import merge_adapter_dir
+
+    out = merge_adapter_dir(args.adapter_dir, args.out_dir, base_model=args.base_model)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from sftfuse.engine.config import TrainConfig
+
+    p.add_argument("--config", help="YAML file of option: value (see sftfuse/engine/config.py)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=5e-4 qlora=false")
+    opts = p.add_argument_group("options (each also accepted as key=value; defaults in sftfuse/engine/config.py)")
+    defaults = TrainConfig()
+    for name in TrainConfig.__dataclass_fields__:
+        flag, value = f"--{name.replace('_', '-')}", getattr(defaults, name)
+        if isinstance(value, bool):  # a bare flag turns it on; `name=false` turns it off
+            opts.add_argument(flag, dest=f"opt_{name}", action="store_const", const="true", help=f"default: {value}")
+        else:
+            opts.add_argument(flag, dest=f"opt_{name}", metavar="V", help=f"default: {value}")
 
 
 def _data_check(args) -> int:
@@ -46,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sftfuse", description="Fast, lean supervised fine-tuning.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune a model (defaults: SmolLM2-135M-Instruct on the bundled data)")
+    _add_train_args(p)
     p.set_defaults(fn=_train)
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save safetensors")
+    p.add_argument("adapter_dir", help="an adapter/ directory written by sftfuse train (PEFT format)")
+    p.add_argument("out_dir", help="where to write the merged model and tokenizer")
+    p.add_argument("--base-model", help="base model path (default: the adapter's base_model_name_or_path)")
+    p.set_defaults(fn=_merge)
     p = sub.add_parser("data-check", help="validate a dataset file and print its data-quality report")
     p.add_argument("file", help=".jsonl, .json, .csv, .parquet or a datasets directory")
     p.add_argument("--max-length", type=int, default=256, help="truncation length in tokens (default 256)")

@@ -225,11 +225,11 @@ def _tokenize_one(row: dict, tokenizer, fmt: str) -> tuple[list[int], list[int]]
                 si += 1
             if si < len(spans) and spans[si][0] <= a < spans[si][1] and b > a:
                 labels[t] = ids[t]
-        if spans and row["messages"][-1]["role"] == "assistant" and eos_id is not None and labels[-1] != eos_id:
-            last = max(t for t, lab in enumerate(labels) if lab != -100) if any(x != -100 for x in labels) else -1
-            if last >= 0 and ids[last] != eos_id:  # a template without EOS at the end of turn
-                ids.append(eos_id)
-                labels.append(eos_id)
+        trained = [t for t, lab in enumerate(labels) if lab != -100]
+        if row["messages"][-1]["role"] == "assistant" and eos_id is not None and trained \
+                and ids[trained[-1]] != eos_id:  # a template that does not end turns with EOS
+            ids.append(eos_id)
+            labels.append(eos_id)
         return ids, labels
     if "text" in row:
         ids = list(tokenizer(row["text"])["input_ids"])
@@ -256,6 +256,8 @@ def tokenize_rows(rows: list[dict], tokenizer, *, max_length: int, fmt: str) -> 
         raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: expected >= 2")
+    if any("messages" in r for r in rows) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat template: chat rows need one (or use prompt/completion rows)")
     out = []
     for row in rows:
         ids, labels = _tokenize_one(row, tokenizer, fmt)

@@ -16,6 +16,7 @@ from sftfuse.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4, dyn
 # =============================================================================================================
 
 
+_QUANT_FLOATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,7 +40,7 @@ class NF4Linear(nn.Module):
             torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device),
             torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32, device=device),
             torch.zeros(-(-nb // NESTED_BLOCKSIZE), device=device) if double_quant else None,
-            dynamic_map().to(device) if double_quant else None, 0.0, nf4_code(device), blocksize,
+            dynamic_map().to(device, copy=True) if double_quant else None, 0.0, nf4_code(device), blocksize,
             (out_features, in_features), compute_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
@@ -53,6 +54,16 @@ class NF4Linear(nn.Module):
         self.register_buffer("nested_absmax", q.nested_absmax)
         self.register_buffer("nested_quant_map", q.nested_code)
         self.offset, self.blocksize, self.weight_dtype = float(q.offset), q.blocksize, q.dtype
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must move the fp32 quant state but never round it: keep its dtype
+        keep = {n: self._buffers[n] for n in _QUANT_FLOATS if self._buffers.get(n) is not None
+                and self._buffers[n].is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, t in keep.items():
+            if self._buffers[name].dtype != t.dtype:
+                self._buffers[name] = t.to(self._buffers[name].device)
+        return self
 
     @property
     def quant(self) -> NF4Weight:
@@ -198,6 +209,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from sftfuse.engine.functions import lora_linear
 
+        if hasattr(self.base_layer, "quant"):  # NF4 base: compute in its compute dtype, like NF4Linear
+            y = lora_linear(x.to(self.base_layer.compute_dtype), self._base(), self.lora_A, self.lora_B,
+                            self.scaling, bias=self.base_layer.bias, dropout=self.lora_dropout, training=self.training)
+            return y.to(x.dtype)
         return lora_linear(x, self._base(), self.lora_A, self.lora_B, self.scaling, bias=self.base_layer.bias,
                            dropout=self.lora_dropout, training=self.training)
 

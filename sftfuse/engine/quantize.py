@@ -8,7 +8,7 @@
   `m.weight.nested_quant_map`, `m.weight.quant_state.bitsandbytes__nf4`) into a model built from its config:
   each listed linear becomes an `NF4Linear`, the rest loads as usual. bitsandbytes is not imported.
 - `nf4_weight_from_bnb` views a bitsandbytes `Linear4bit`/`Params4bit` quant state as an `NF4Weight`, sharing
-  its tensors (no copy of the weight): the patcher uses it.
+  its tensors (no copy of the weight), and `nf4_linear_from_bnb` wraps a whole Linear4bit: the patcher uses them.
 """
 
 from __future__ import annotations
@@ -128,3 +128,10 @@ def nf4_weight_from_bnb(weight) -> NF4Weight:
                      float(qs.offset) if nested else 0.0, qs.code, int(qs.blocksize), tuple(int(s) for s in qs.shape),
                      qs.dtype)
 
+
+
+def nf4_linear_from_bnb(module: nn.Module) -> NF4Linear:
+    """An NF4Linear sharing the packed weight and quant state of a bitsandbytes Linear4bit (NF4); no copy."""
+    q = nf4_weight_from_bnb(module.weight)
+    bias = None if module.bias is None else module.bias.data
+    return NF4Linear.from_quant(q, bias, compute_dtype=getattr(module, "compute_dtype", None) or q.dtype)

@@ -8,7 +8,7 @@ period. So a model scores by answering in the required format, not by being clos
 Families (the prompt states the format each time):
 - `json_extract`: a sentence about a person -> JSON {"person": {"name", "age"}, "location": {"city"}}.
 - `unit_convert`: "Convert 7 m to cm" -> "700 cm" (factors 10, 100 or 1000).
-- `sort_numbers`: 3-5 numbers -> the same numbers ascending, comma-separated.
+- `sort_numbers`: 3-4 numbers -> the same numbers ascending, comma-separated.
 - `arithmetic`: a short word problem with small numbers -> a working line then "Answer: N" as the last line.
 - `snake_case`: a camelCase identifier -> snake_case.
 - `count_items`: a comma-separated list -> the number of items, digits only.

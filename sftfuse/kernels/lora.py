@@ -4,37 +4,25 @@ x (M, K) tokens x in-features, W (N, K) frozen, A (r, K), B (N, r), s = alpha / 
 Dropout keeps x with probability 1 - p and scales by 1 / (1 - p); its mask is a pure function of (seed, row,
 column) (`dropout_mask`, the same bits on both paths), so no dropped-out copy of x is ever stored.
 
-Forward: t = dropout(x) A^T (M, r); y = x W^T + b + s t B^T. Saved: x, t and the seed (PEFT keeps an fp32 copy
-of x, the dropped-out copy and its mask: 9 bytes per element of x against our 2, in bf16).
+Forward: t = dropout(x) A^T (M, r); y = x W^T + b + s t B^T. Saved: x (a view of the caller's tensor, so layers
+reading the same x share it), t and the seed. PEFT saves, per adapted layer, an fp32 dropped-out copy of x and
+its mask: 5 bytes per element of x, against our 2 bytes shared by every layer that reads that x (bf16).
 Backward, with u = dy B (M, r):
     dx = dy W + s * mask * (u A) / (1 - p)       dB = s dy^T t       dA = s u^T dropout(x)
 The frozen base never gets a gradient. Accumulation is fp32 on both paths.
 
-PyTorch path (CPU): the same plan in plain ops, the low-rank terms folded into the big products with addmm_
-(bf16 matmuls when inputs are bf16). Triton path: one kernel per direction computes the base matmul and, in
-the same K loop, the rank-r projection of its input tile (an extra R-wide dot, masked in registers for the
-forward dropout), then adds s * proj B^T (forward) or s * mask * (proj A) (dx) in the epilogue; the programs
-of the first column block store the projection (t or u). Limits: r <= 64 per kernel (R padded to 16..64).
-dA and dB are skinny reductions over tokens (`_lora_reduce_kernel`, split over tokens for parallelism).
+PyTorch path (CPU, this file): the same plan in plain ops with bf16 GEMMs for bf16 inputs, the adapter terms
+accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
+dy W added inside one GEMM). The CPU mask is one add and one lookup per element in a cached table of the
+per-element mixer (`_drop_mask`): each extra op costs a thread fork-join on a busy CPU. An NF4 base goes
+through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path: `sftfuse.kernels.lora_triton`.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from sftfuse.kernels._registry import (
-    CheckContext,
-    CheckResult,
-    KernelSpec,
-    interpreter_active,
-    max_error,
-    register_check,
-    register_kernel,
-    tolerance,
-    use_triton,
-)
+from sftfuse.kernels._registry import use_triton
 
 # Odd 32-bit multipliers (golden ratio, murmur3) and the shift of the per-element mixer.
 _C1, _C2, _C3, _C4 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F
@@ -54,10 +42,14 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+_KEY_BITS = 20  # row and column keys take 20 bits, so key_row + key_col indexes a 2^21-entry table
+
+
 def _keys32(n: int, seed: int, mult: int, salt: int, device) -> torch.Tensor:
+    """Fully mixed keys in [0, 2^20) per row (or column) index, int32."""
     i = torch.arange(n, dtype=torch.int64, device=device)
     h = _fmix32(((i * mult) & _M32) ^ ((seed ^ salt) & _M32))
-    return (h ^ (1 << 31)) - (1 << 31)  # same bits as int32
+    return (h >> (32 - _KEY_BITS)).to(torch.int32)
 
 
 def dropout_threshold(p: float) -> int:
@@ -65,11 +57,8 @@ def dropout_threshold(p: float) -> int:
     return min(round(p * 2.0**32), (1 << 32) - 1) - (1 << 31)
 
 
-def _hash32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
-    """int32 (rows, cols) hash of (seed, row, col): key_row + key_col, multiply, xor-shift, multiply (wrapping)."""
-    rk = _keys32(rows, seed, _C1, 0, device).to(torch.int32)
-    ck = _keys32(cols, seed, _C4, 0x165667B1, device).to(torch.int32)
-    h = rk[:, None] + ck[None, :]
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """The per-element mixer of key_row + key_col: multiply, xor-shift, multiply, wrapping int32 (in place)."""
     h.mul_(_signed32(_C1))
     h.bitwise_xor_(h >> 15)  # arithmetic shift on int32, as in the kernels
     return h.mul_(_signed32(_C2))
@@ -78,15 +67,29 @@ def _hash32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
 def dropout_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> torch.Tensor:
     """Keep mask (rows, cols), bool, of dropout probability `p`: a pure function of (seed, row, column).
 
-    Per-row and per-column keys are fully mixed once; each element mixes key_row + key_col with multiply /
-    xor-shift / multiply in wrapping int32 (five vector ops per element on CPU). The Triton kernels compute the
-    same bits in registers (`_keep_tile`), so a forward and its backward agree, on both paths.
+    Rows and columns get fully mixed 20-bit keys (murmur3's finalizer); element (i, j) keeps iff
+    mix(key_i + key_j) >= threshold, `_mix` being multiply / xor-shift / multiply in wrapping int32. The Triton
+    kernels compute the same bits in registers (`_keep_tile`), so forward and backward agree, on both paths.
+    Two rows share a mask only if their keys collide (probability 2^-20 per pair).
     """
-    return _hash32(seed, rows, cols, device) >= dropout_threshold(p)
+    rk, ck = _keys32(rows, seed, _C1, 0, device), _keys32(cols, seed, _C4, 0x165667B1, device)
+    return _mix(rk[:, None] + ck[None, :]) >= dropout_threshold(p)
+
+
+_DROP_TABLES: dict[tuple[float, str], torch.Tensor] = {}
 
 
 def _drop_mask(seed, rows, cols, p, device):
-    return _hash32(seed, rows, cols, device) < dropout_threshold(p)  # the complement, saving a logical-not pass
+    """~dropout_mask, by one add and one lookup per element in a cached 2 MB table of mix(s) < threshold.
+
+    On CPU a pass costs little but each op pays a thread fork-join: two ops instead of six per mask.
+    """
+    key = (p, str(device))
+    if key not in _DROP_TABLES:
+        s = torch.arange(1 << (_KEY_BITS + 1), dtype=torch.int32, device=device)
+        _DROP_TABLES[key] = _mix(s) < dropout_threshold(p)
+    rk, ck = _keys32(rows, seed, _C1, 0, device), _keys32(cols, seed, _C4, 0x165667B1, device)
+    return _DROP_TABLES[key].index_select(0, (rk[:, None] + ck[None, :]).view(-1)).view(rows, cols)
 
 
 def new_seed() -> int:
@@ -122,7 +125,7 @@ def _dense(base) -> torch.Tensor | None:
 
 def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
     drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
-    xa = x if drop is None else x.masked_fill(drop, 0)
+    xa = x if drop is None else torch.where(drop, 0, x)
     t = xa @ A.T  # (M, r)
     if p > 0:
         t.mul_(1.0 / (1.0 - p))
@@ -143,259 +146,19 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
     dx = None
     if need_dx:
         W = _dense(base)
+        g = u @ A  # (M, K): the adapter's share of dx, masked where the forward dropped x
+        if drop is not None:
+            g.masked_fill_(drop, 0)
         if W is None:
             from sftfuse.kernels.nf4 import nf4_matmul_bwd
 
-            dx = nf4_matmul_bwd(dy, base)
+            dx = nf4_matmul_bwd(dy, base).add_(g, alpha=s / (1.0 - p))
         else:
-            dx = dy @ W
-        if drop is None:
-            dx.addmm_(u, A, alpha=s)
-        else:
-            dx.add_((u @ A).masked_fill_(drop, 0), alpha=s / (1.0 - p))
-    xa = x if drop is None else x.masked_fill(drop, 0)
+            dx = g.addmm_(dy, W, beta=s / (1.0 - p))  # dy W accumulated onto it inside the GEMM
+    xa = x if drop is None else torch.where(drop, 0, x)
     dA = torch.mm(u.T, xa).mul_(s / (1.0 - p))  # (r, K)
-    dB = torch.mm(dy.T, t).mul_(s)  # (N, r)
+    dB = torch.mm(t.T, dy).mul_(s).T.contiguous()  # (N, r); t^T dy reads dy in its own layout
     return dx, dA, dB
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Triton path
-
-@triton.jit
-def _keys(idx, seed, MULT: tl.constexpr, SALT: tl.constexpr):
-    """Fully mixed int32 key per row (or column) index: the same bits as `_keys32`."""
-    h = idx.to(tl.uint32) * MULT
-    h = h ^ (seed.to(tl.uint32) ^ SALT)
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    h = h ^ (h >> 16)
-    return h.to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _keep_tile(row_keys, col_keys, thr):
-    """Dropout keep mask of a tile, (len(row_keys), len(col_keys)); `_hash32` in registers (int32 wraps)."""
-    h = row_keys[:, None] + col_keys[None, :]
-    h = h * -1640531535  # 0x9E3779B1 as int32
-    h = h ^ (h >> 15)
-    h = h * -2048144789  # 0x85EBCA6B as int32
-    return h >= thr
-
-
-@triton.jit
-def _lora_mm_kernel(
-    # pointers: X (M, K) @ W (K, N) + s * [mask](Z @ V), Z = [mask](X) @ D (M, R) also stored to z_ptr
-    x_ptr, w_ptr, d_ptr, v_ptr, bias_ptr, y_ptr, z_ptr,
-    # sizes
-    M, N, K, R_REAL,
-    # strides
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_dk, stride_dr, stride_vr, stride_vn, stride_ym, stride_yn,
-    stride_zm,
-    # scalars: s (times 1/(1-p) when OUT_MASK), Z's scale (1/(1-p) when IN_MASK), dropout seed and threshold
-    scaling, z_scale, seed, thr,
-    # flags
-    HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr, OUT_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Grouped launch order: GROUP_M row blocks share each W column block while it sits in L2.
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = min(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R)
-    row_keys = _keys(offs_m, seed, 0x9E3779B1, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    zacc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        d = tl.load(d_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr,
-                    mask=(offs_k[:, None] < K) & (offs_r[None, :] < R_REAL), other=0.0)
-        if UPCAST:  # the interpreter computes bf16 arithmetic wrongly: fp32 throughout
-            x, d = x.to(tl.float32), d.to(tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=PREC)
-        if IN_MASK:  # forward dropout on the adapter's input, regenerated from the seed, never stored
-            keep = _keep_tile(row_keys, _keys(offs_k, seed, 0x27D4EB2F, 0x165667B1), thr)
-            x = tl.where(keep, x, tl.zeros_like(x))
-        zacc = tl.dot(x, d, zacc, input_precision=PREC)
-    z = zacc * z_scale
-    if pid_n == 0:  # t (forward) or u = dy B (backward), saved for dA / dB
-        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :], z.to(z_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R_REAL))
-    if not UPCAST:  # tensor cores in the input dtype, like the stored t the backward will read
-        z = z.to(x_ptr.dtype.element_ty)
-    v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
-                mask=(offs_r[:, None] < R_REAL) & (offs_n[None, :] < N), other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    corr = tl.dot(z, v, input_precision=PREC)
-    if OUT_MASK:  # dx's adapter term is masked where the forward dropped x
-        keep = _keep_tile(row_keys, _keys(offs_n, seed, 0x27D4EB2F, 0x165667B1), thr)
-        corr = tl.where(keep, corr, 0.0)
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if not HAS_W:  # the base product came from another kernel (NF4): accumulate onto it
-        acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    acc += scaling * corr
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-@triton.jit
-def _lora_reduce_kernel(
-    # pointers: out[split] (P, R) = scale * [mask](X)^T @ Y over this split's token rows
-    x_ptr, y_ptr, out_ptr,
-    # sizes
-    M, P, R_REAL, rows_per_split,
-    # strides
-    stride_xm, stride_xp, stride_ym, stride_os,
-    # scalars
-    scale, seed, thr,
-    # flags
-    IN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, R: tl.constexpr,
-):
-    pid_p, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_r = tl.arange(0, R)
-    col_keys = _keys(offs_p, seed, 0x27D4EB2F, 0x165667B1)
-    m_lo = pid_s * rows_per_split
-    m_hi = min(M, m_lo + rows_per_split)
-    acc = tl.zeros((BLOCK_P, R), dtype=tl.float32)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xp,
-                    mask=(offs_m[:, None] < m_hi) & (offs_p[None, :] < P), other=0.0)
-        y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_r[None, :],
-                    mask=(offs_m[:, None] < m_hi) & (offs_r[None, :] < R_REAL), other=0.0)
-        if UPCAST:
-            x, y = x.to(tl.float32), y.to(tl.float32)
-        if IN_MASK:
-            keep = _keep_tile(_keys(offs_m, seed, 0x9E3779B1, 0), col_keys, thr)
-            x = tl.where(keep, x, tl.zeros_like(x))
-        acc = tl.dot(tl.trans(x), y, acc, input_precision=PREC)
-    tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * R_REAL + offs_r[None, :], acc * scale,
-             mask=(offs_p[:, None] < P) & (offs_r[None, :] < R_REAL))
-
-
-def _rank_tile(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
-def _config(dtype: torch.dtype, R: int) -> dict:
-    """Block sizes: small tiles under the interpreter; tensor-core tiles that compile without spills on GPU."""
-    if interpreter_active():
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    return _gpu_config(dtype, R)
-
-
-def _gpu_config(dtype: torch.dtype, R: int) -> dict:
-    if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-    if R > 32:  # the (BLOCK_M, R) projection takes registers: a narrower tile avoids spills on sm_80
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-
-
-def _flags(dtype):
-    return {"UPCAST": interpreter_active(), "PREC": "ieee" if dtype == torch.float32 else "tf32"}
-
-
-def _launch_mm(x, w, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale, seed, thr,
-               in_mask, out_mask):
-    M, R = x.shape[0], _rank_tile(z.shape[1])
-    cfg = _config(x.dtype, R)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _lora_mm_kernel[grid](
-        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z,
-        M, n, k, z.shape[1],
-        x.stride(0), x.stride(1), *(w_strides or (0, 0)), *d_strides, *v_strides, y.stride(0), y.stride(1),
-        z.stride(0),
-        scaling, z_scale, seed, thr,
-        HAS_W=w is not None, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **_flags(x.dtype),
-        R=R, GROUP_M=8, **cfg, num_warps=warps, num_stages=stages)
-
-
-def _launch_reduce(x, y, *, scale, seed, thr, in_mask):
-    """(P, r) = scale * [mask](x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
-    M, P = x.shape
-    R = _rank_tile(y.shape[1])
-    block_m, block_p = (32, 32) if interpreter_active() else (64, 64)
-    tiles_m = triton.cdiv(M, block_m)
-    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, block_p)))
-    rows = triton.cdiv(tiles_m, split) * block_m
-    split = triton.cdiv(M, rows)
-    out = torch.empty(split, P, y.shape[1], device=x.device, dtype=torch.float32)
-    _lora_reduce_kernel[(triton.cdiv(P, block_p), split)](
-        x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0),
-        scale, seed, thr, IN_MASK=in_mask, **_flags(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, R=R,
-        num_warps=4, num_stages=1 if interpreter_active() else 3)
-    return out.sum(0)
-
-
-def _lora_fwd_triton(x, base, A, B, s, bias, seed, p):
-    if A.shape[0] > 64:  # one R tile holds r <= 64
-        return _lora_fwd_torch(x, base, A, B, s, bias, seed, p)
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-    M, K = x.shape
-    N = B.shape[0]
-    t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
-    if isinstance(base, torch.Tensor):
-        W = base.contiguous()
-        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        w_strides = (W.stride(1), W.stride(0))  # W^T (K, N)
-    else:  # NF4 base: its own kernel for x W^T + b, then the adapter term added in place by ours
-        from sftfuse.kernels.nf4 import nf4_matmul_fwd
-
-        W, y, w_strides, bias = None, nf4_matmul_fwd(x, base, bias).contiguous(), None, None
-    _launch_mm(x, W, A, B, bias, y, t, n=N, k=K, w_strides=w_strides, d_strides=(A.stride(1), A.stride(0)),
-               v_strides=(B.stride(1), B.stride(0)), scaling=s, z_scale=1.0 / (1.0 - p), seed=seed,
-               thr=dropout_threshold(p), in_mask=p > 0, out_mask=False)
-    return y, t
-
-
-def _lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
-    if A.shape[0] > 64:
-        return _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx)
-    dy, x, t, A, B = dy.contiguous(), x.contiguous(), t.contiguous(), A.contiguous(), B.contiguous()
-    M, N = dy.shape
-    K = x.shape[1]
-    thr = dropout_threshold(p)
-    u = torch.empty(M, A.shape[0], device=dy.device, dtype=dy.dtype)
-    dx = None
-    if not need_dx:
-        u = dy @ B
-    elif isinstance(base, torch.Tensor):  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop
-        W = base.contiguous()
-        dx, w_strides = torch.empty(M, K, device=dy.device, dtype=dy.dtype), (W.stride(0), W.stride(1))
-    else:
-        from sftfuse.kernels.nf4 import nf4_matmul_bwd
-
-        W, dx, w_strides = None, nf4_matmul_bwd(dy, base).contiguous(), None
-    if need_dx:
-        _launch_mm(dy, W, B, A, None, dx, u, n=K, k=N, w_strides=w_strides, d_strides=(B.stride(0), B.stride(1)),
-                   v_strides=(A.stride(0), A.stride(1)), scaling=s / (1.0 - p), z_scale=1.0, seed=seed, thr=thr,
-                   in_mask=False, out_mask=p > 0)
-    dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr, in_mask=p > 0).T.to(x.dtype)
-    dB = _launch_reduce(dy, t, scale=s, seed=seed, thr=thr, in_mask=False).to(x.dtype)
-    return dx, dA.contiguous(), dB
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,98 +175,16 @@ def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.
         (y (M, N), t (M, r)): the output and the saved projection t = dropout(x) A^T.
     """
     if use_triton(x):
-        return _lora_fwd_triton(x, base, lora_A, lora_B, scaling, bias, seed, p)
+        from sftfuse.kernels.lora_triton import lora_fwd_triton
+
+        return lora_fwd_triton(x, base, lora_A, lora_B, scaling, bias, seed, p)
     return _lora_fwd_torch(x, base, lora_A, lora_B, scaling, bias, seed, p)
 
 
 def lora_linear_bwd(dy, x, t, base, lora_A, lora_B, scaling, *, seed=0, p=0.0, need_dx=True):
     """Backward of `lora_linear` on 2-D tensors: (dx (M, K) or None, dA (r, K), dB (N, r)), in x's dtype."""
     if use_triton(dy):
-        return _lora_bwd_triton(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
+        from sftfuse.kernels.lora_triton import lora_bwd_triton
+
+        return lora_bwd_triton(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
     return _lora_bwd_torch(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Compile check and `sftfuse verify`
-
-_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _mm_spec(dtype, R, backward, has_w=True):
-    ty = _TY[dtype]
-    cfg = _gpu_config(dtype, R)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    sig = {n: f"*{ty}" for n in ("x_ptr", "w_ptr", "d_ptr", "v_ptr", "bias_ptr", "y_ptr", "z_ptr")}
-    sig |= {n: "i32" for n in ("M", "N", "K", "R_REAL", "stride_xm", "stride_xk", "stride_wk", "stride_wn",
-                               "stride_dk", "stride_dr", "stride_vr", "stride_vn", "stride_ym", "stride_yn",
-                               "stride_zm", "seed", "thr")}
-    sig |= {"scaling": "fp32", "z_scale": "fp32"}
-    # Unit inner strides as the launchers make them (contiguous x, W, A, B, y): pipelined async loads.
-    units = ("stride_xk", "stride_wn", "stride_dr", "stride_vn", "stride_yn") if backward else \
-        ("stride_xk", "stride_wk", "stride_dk", "stride_vr", "stride_yn")
-    const = {n: 1 for n in units} | dict(
-        HAS_W=has_w, HAS_BIAS=not backward, IN_MASK=not backward, OUT_MASK=backward, UPCAST=False,
-        PREC="ieee" if dtype == torch.float32 else "tf32", R=R, GROUP_M=8, **cfg)
-    sig |= {n: "constexpr" for n in const}
-    name = f"lora_mm_{'bwd' if backward else 'fwd'}{'' if has_w else '_epilogue'}_{ty}_r{R}"
-    return KernelSpec(name, _lora_mm_kernel, sig, const, num_warps=warps, num_stages=stages,
-                      divisible=("x_ptr", "w_ptr", "d_ptr", "v_ptr", "y_ptr", "z_ptr", "M", "N", "K",
-                                 "stride_xm", "stride_ym", "stride_wk" if backward else "stride_wn"))
-
-
-def _reduce_spec(dtype, R, masked):
-    ty = _TY[dtype]
-    sig = {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "out_ptr": "*fp32"}
-    sig |= {n: "i32" for n in ("M", "P", "R_REAL", "rows_per_split", "stride_xm", "stride_xp", "stride_ym",
-                               "stride_os", "seed", "thr")}
-    sig |= {"scale": "fp32"}
-    const = {"stride_xp": 1, "IN_MASK": masked, "UPCAST": False, "PREC": "ieee" if dtype == torch.float32 else
-             "tf32", "BLOCK_M": 64, "BLOCK_P": 64, "R": R}
-    sig |= {n: "constexpr" for n in const}
-    return KernelSpec(f"lora_reduce_{ty}_r{R}{'_masked' if masked else ''}", _lora_reduce_kernel, sig, const,
-                      num_warps=4, num_stages=3, divisible=("x_ptr", "y_ptr", "out_ptr", "stride_xm", "P"))
-
-
-def _specs():
-    specs = [_mm_spec(torch.bfloat16, R, bwd) for R in (16, 64) for bwd in (False, True)]
-    specs += [_mm_spec(torch.bfloat16, 16, False, has_w=False), _mm_spec(torch.float32, 16, False),
-              _mm_spec(torch.float32, 16, True)]
-    specs += [_reduce_spec(torch.bfloat16, R, m) for R, m in ((16, True), (64, False))]
-    return specs + [_reduce_spec(torch.float32, 16, True)]
-
-
-register_kernel("lora", _specs)
-
-
-def _check(ctx: CheckContext) -> None:
-    """lora_linear (Triton path) forward and backward against the fp64 reference, with and without dropout."""
-    shapes = [(4096, 2048, 4096, 16), (1024, 576, 1536, 64)] if ctx.large else [(67, 70, 45, 8)]
-    for dtype in ctx.dtypes:
-        for M, K, N, r in shapes:
-            for p in (0.0, 0.1):
-                g = torch.Generator(device="cpu").manual_seed(0)
-
-                def rnd(*shape, scale=1.0, g=g, dtype=dtype):
-                    return (torch.randn(*shape, generator=g) * scale).to(device=ctx.device, dtype=dtype)
-
-                x, W, A, B, dy = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(r, K, scale=K**-0.5), rnd(N, r), rnd(M, N)
-                seed = 1234
-                y, t = lora_linear_fwd(x, W, A, B, 2.0, seed=seed, p=p)
-                dx, dA, dB = lora_linear_bwd(dy, x, t, W, A, B, 2.0, seed=seed, p=p)
-                keep = dropout_mask(seed, M, K, p, device=ctx.device) if p > 0 else None
-                leaves = [v.double().requires_grad_() for v in (x, A, B)]
-                y64 = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, keep=keep, p=p, upcast=True)
-                refs = [y64.detach(), *torch.autograd.grad(y64, leaves, dy.double())]
-                base = None
-                if dtype != torch.float32:
-                    lo = [v.detach().requires_grad_() for v in (x, A, B)]
-                    yb = lora_linear_ref(lo[0], W, lo[1], lo[2], 2.0, keep=keep, p=p)
-                    base = [yb.detach(), *torch.autograd.grad(yb, lo, dy)]
-                for i, (name, ours) in enumerate(zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB))):
-                    be = max_error(base[i], refs[i]) if base else None
-                    ctx.results.append(CheckResult(f"lora_linear {name} p={p}", "triton", str(dtype).split(".")[-1],
-                                                   f"{M}x{K}->{N} r={r}", max_error(ours, refs[i]),
-                                                   tolerance(refs[i], dtype, be)))
-
-
-register_check("lora", _check)

@@ -11,7 +11,7 @@ Bytes: 4 + 8/64 + 32/16384 = 4.127 bits per weight, 0.258x of bf16 (0.266x with 
 6.5 G linear weights: 13 GB in bf16, 3.4 GB in NF4.
 
 Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is frozen, no dW).
-- Triton: the K loop (N loop for the backward layout) loads packed bytes and uint8 scales, decodes nibbles,
+- Triton (sftfuse/kernels/nf4_triton.py): the K loop (N loop for the backward layout) loads packed bytes and uint8 scales, decodes nibbles,
   codes and nested scales in registers and feeds tl.dot with fp32 accumulation; no dequantized weight is ever
   written to global memory. Rule: above FUSED_MAX_TOKENS tokens the matmul is compute-bound (2*M*N*K flops
   against N*K/2 bytes of weight), so one dequantize pass (N*K*2.5 bytes, under 1% of the matmul time there) plus
@@ -95,8 +95,12 @@ class NF4Weight:
         if not self.double_quant:
             return self.absmax.float()
         nb = self.absmax.numel()
-        scale2 = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:nb]
-        return self.nested_code[self.absmax.long()] * scale2 + self.offset
+        groups = self.nested_absmax.numel()
+        # broadcasting over (groups, 256), not repeat_interleave: that one opens a thread team (slow when busy)
+        dq = torch.zeros(groups * NESTED_BLOCKSIZE, dtype=torch.float32, device=self.absmax.device)
+        dq[:nb] = self.nested_code.index_select(0, self.absmax.int())  # a[idx] opens a thread team too
+        dq = dq.view(groups, NESTED_BLOCKSIZE).mul_(self.nested_absmax[:, None]).view(-1)[:nb]
+        return dq.add_(self.offset)
 
 
 @cache
@@ -179,7 +183,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     offset = 0.0
     if double_quant:
         absmax, nested_absmax, offset = _quantize_nested(absmax)
-        nested_code = dynamic_map().to(weight.device)
+        nested_code = dynamic_map().to(weight.device, copy=True)  # per weight: safetensors rejects shared storage
     return NF4Weight(packed, absmax, nested_absmax, nested_code, offset, code, blocksize,
                      (int(weight.shape[0]), int(weight.shape[1])), weight.dtype)
 
@@ -196,17 +200,21 @@ def _pair_table(device: torch.device, code: tuple[float, ...]) -> torch.Tensor:
     return torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-_SUB = 1 << 15  # values decoded per step: the fp32 temporary (128 KiB) stays in L2 between its three passes
+# Values decoded per step: the fp32 temporary (128 KiB) stays in L2 between its passes, and every op stays at
+# or under ATen's parallel grain (32768), so none opens a thread team: on a shared, busy CPU each team start
+# can wait a whole scheduler slice for its second thread, which cost more than the decode itself.
+_SUB = 1 << 15
 
 
 def _decode_flat(q: NF4Weight, start: int, end: int, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write dequantized values [start, end) of the flat weight into `out` (end - start,); `start` on a block."""
     bs = q.blocksize
     table = _pair_table(q.device, tuple(q.code.tolist()))
-    idx = q.packed[start // 2:(end + 1) // 2].int()  # int32 indices: index_select skips an int64 copy
+    packed = q.packed
     for s in range(0, end - start, _SUB):
         e = min(end - start, s + _SUB)
-        vals = table.index_select(0, idx[s // 2:(e + 1) // 2]).view(torch.float32)  # (2 * bytes,) fp32
+        idx = packed[(start + s) // 2:(start + e + 1) // 2].int()  # int32 indices: index_select skips an int64 copy
+        vals = table.index_select(0, idx).view(torch.float32)  # (2 * bytes,) fp32
         full = (e - s) // bs * bs
         b0 = (start + s) // bs
         vals[:full].view(-1, bs).mul_(scales[b0:b0 + full // bs, None])
@@ -301,11 +309,16 @@ def nf4_matmul_fwd(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = No
     from sftfuse.kernels._registry import use_triton
 
     _check(x, q, 1, "x")
+    if bias is not None:
+        if bias.shape != (q.shape[0],):
+            raise ValueError(f"bias: expected shape ({q.shape[0]},), got {tuple(bias.shape)}")
+        bias = bias.to(x.dtype)
     if use_triton(x, q.packed):
         from sftfuse.kernels.nf4_triton import matmul_triton
 
         return matmul_triton(x, q, bias, transposed=False)
-    return _fwd_torch(x, q, bias)
+    with torch.no_grad():  # the weight tile is a reused scratch buffer: never let autograd save it
+        return _fwd_torch(x, q, bias)
 
 
 def nf4_matmul_bwd(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
@@ -317,4 +330,5 @@ def nf4_matmul_bwd(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
         from sftfuse.kernels.nf4_triton import matmul_triton
 
         return matmul_triton(dy, q, None, transposed=True)
-    return _bwd_torch(dy, q)
+    with torch.no_grad():
+        return _bwd_torch(dy, q)

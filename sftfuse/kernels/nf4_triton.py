@@ -1,0 +1,276 @@
+"""Triton kernels of the NF4 matmul (math, format and dispatch rule: sftfuse/kernels/nf4.py).
+
+- `_nf4_matmul_fwd_kernel`: y (M, N) = x (M, K) @ W^T; the K loop decodes a (BLOCK_K, BLOCK_N) tile of W^T.
+- `_nf4_matmul_bwd_kernel`: dx (M, K) = dy (M, N) @ W; the N loop decodes a (BLOCK_N, BLOCK_K) tile of W.
+- `_nf4_dequantize_kernel`: W in the compute dtype, for the large-token route (dequantize + library GEMM).
+Each decode reads 0.5 byte per weight plus one uint8 scale per block; the 16-entry NF4 code and the 256-entry
+nested map are L1-resident gathers. Accumulation is fp32, the output is cast once at the store. Under the
+interpreter (bf16 arithmetic and bf16 tl.dot are wrong there) FP32_DOT upcasts both operands, and the dequantize
+kernel writes fp32 that PyTorch rounds (the interpreter's fp32->bf16 cast truncates).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from sftfuse.kernels._registry import (
+    CheckResult,
+    KernelSpec,
+    interpreter_active,
+    max_error,
+    register_check,
+    register_kernel,
+    tolerance,
+)
+from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, NF4Weight, nf4_matmul_ref, quantize_nf4
+
+
+@triton.jit
+def _codes(packed_ptr, code_ptr, flat, mask):
+    """NF4 code values (fp32) of the flat weight indices `flat` (any tile shape)."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    return tl.load(code_ptr + ((byte >> ((1 - (flat & 1)) * 4)) & 15))  # element 2i in the high nibble
+
+
+@triton.jit
+def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, blk, mask, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of blocks `blk`, decoding the double quantization: dyn[qa] * absmax2[blk // 256] + offset."""
+    if DOUBLE_QUANT:
+        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // 256, mask=mask, other=0.0)
+        return scale + offset
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_matmul_fwd_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, bias_ptr, y_ptr,
+    # sizes and the nested offset
+    M, N, K, offset,
+    # strides (inner strides are 1)
+    stride_xm, stride_ym,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        wmask = (kk[:, None] < K) & (offs_n[None, :] < N)
+        flat = offs_n[None, :] * K + kk[:, None]  # (BLOCK_K, BLOCK_N) of W^T
+        if ALIGNED:  # the K tile lies in one block per row of W: one scale per column of the tile
+            scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, (offs_n * K + k0) // BLOCKSIZE,
+                            offs_n < N, DOUBLE_QUANT)[None, :]
+        else:
+            scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, flat // BLOCKSIZE, wmask,
+                            DOUBLE_QUANT)
+        w = tl.where(wmask, _codes(packed_ptr, code_ptr, flat, wmask) * scale, 0.0)
+        if FP32_DOT:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _nf4_matmul_bwd_kernel(
+    # pointers
+    dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, dx_ptr,
+    # sizes and the nested offset
+    M, N, K, offset,
+    # strides (inner strides are 1)
+    stride_dym, stride_dxm,
+    # meta-parameters
+    DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + offs_n
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + nn[None, :],
+                     mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
+        wmask = (nn[:, None] < N) & (offs_k[None, :] < K)
+        flat = nn[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) of W
+        if ALIGNED:  # the K tile lies in one block per row of W: one scale per row of the tile
+            scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                            (nn * K + pid_k * BLOCK_K) // BLOCKSIZE, nn < N, DOUBLE_QUANT)[:, None]
+        else:
+            scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, flat // BLOCKSIZE, wmask,
+                            DOUBLE_QUANT)
+        w = tl.where(wmask, _codes(packed_ptr, code_ptr, flat, wmask) * scale, 0.0)
+        if FP32_DOT:
+            acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(dy, w.to(dy.dtype))
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,  # pointers
+    numel, offset,  # size and the nested offset
+    DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs[None, :] // BLOCKSIZE,
+                    mask[None, :], DOUBLE_QUANT)
+    w = _codes(packed_ptr, code_ptr, offs[None, :], mask[None, :]) * scale
+    tl.store(out_ptr + offs[None, :], w.to(out_ptr.dtype.element_ty), mask=mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _config(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK over N, BLOCK over K, warps) for `m` tokens.
+
+    K tiles of 64 or 32 divide every blocksize >= 64: with K % blocksize == 0 a tile row then lies in one block
+    (ALIGNED: one scale per row). The large tile decodes 32 x 128 weights per step: at 64 x 128 the decode
+    spilled 8-16 bytes on sm_80.
+    """
+    if m <= 16:
+        return 16, 64, 64, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
+    return 128, 128, 32, 8
+
+
+def _q_args(q: NF4Weight, device):
+    dq = q.double_quant
+    dummy = q.absmax  # any pointer for the unused nested arguments
+    return (q.packed, q.absmax, q.nested_absmax if dq else dummy, q.nested_code if dq else dummy, q.code), dq
+
+
+def matmul_triton(a: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, *, transposed: bool) -> torch.Tensor:
+    """transposed=False: y = a @ W^T + bias, a (M, K); transposed=True: dx = a @ W, a (M, N)."""
+    a = a.contiguous()
+    m = a.shape[0]
+    n_out, k_in = q.shape
+    interp = interpreter_active()
+    # compute-bound (many tokens), or fp32 (no tensor-core dot to fuse into): dequantize + library GEMM
+    if m > FUSED_MAX_TOKENS or (a.dtype == torch.float32 and not interp):
+        w = dequantize_triton(q, a.dtype)
+        return a @ w if transposed else torch.nn.functional.linear(a, w, bias)
+    ptrs, dq = _q_args(q, a.device)
+    fp32_dot = interp  # the interpreter's bf16 dot is wrong: upcast there
+    bm, bn, bk, warps = _config(m)
+    aligned = k_in % q.blocksize == 0 and q.blocksize % bk == 0
+    if not transposed:
+        y = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, bn))
+        _nf4_matmul_fwd_kernel[grid](a, *ptrs, bias if bias is not None else a, y, m, n_out, k_in, q.offset,
+                                     a.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOUBLE_QUANT=dq,
+                                     BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot, BLOCK_M=bm,
+                                     BLOCK_N=bn, BLOCK_K=bk,
+                                     num_warps=warps, num_stages=3)
+        return y
+    dx = torch.empty(m, k_in, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k_in, bk))
+    _nf4_matmul_bwd_kernel[grid](a, *ptrs, dx, m, n_out, k_in, q.offset, a.stride(0), dx.stride(0),
+                                 DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot,
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+    return dx
+
+
+_DEQ_BLOCK = 1024
+
+
+def dequantize_triton(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight (out, in) in `dtype`, equal to the PyTorch path."""
+    ptrs, dq = _q_args(q, q.device)
+    # the interpreter truncates fp32 -> bf16: write fp32 and let PyTorch round
+    kernel_dtype = torch.float32 if interpreter_active() else dtype
+    out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
+    _nf4_dequantize_kernel[(triton.cdiv(q.numel, _DEQ_BLOCK),)](*ptrs, out, q.numel, q.offset, DOUBLE_QUANT=dq,
+                                                                BLOCKSIZE=q.blocksize, BLOCK=_DEQ_BLOCK,
+                                                                enable_fp_fusion=False)  # mul then add, as torch
+    return out.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 takes the dequantize
+# route): double quant or not, K block-aligned or not, both tiles; for the compile check. Then the numerics
+# check for `sftfuse verify`.
+
+_Q = {"packed_ptr": "*u8", "code_ptr": "*fp32"}
+
+
+def _qsig(dq: bool) -> dict[str, str]:
+    return {**_Q, "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32" if dq else "*u8",
+            "nested_code_ptr": "*fp32" if dq else "*u8"}
+
+
+def _specs() -> list[KernelSpec]:
+    specs = []
+    for dq, aligned, m in itertools.product((True, False), (True, False), (16, 128)):
+        bm, bn, bk, warps = _config(m)
+        meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": aligned, "FP32_DOT": False, "BLOCK_M": bm}
+        # ALIGNED implies K % 64 == 0, so K and the row strides (= K) are multiples of 16; otherwise K may be odd
+        sizes = ("K",) if aligned else ()
+        fwd_sig = {"x_ptr": "*bf16", **_qsig(dq), "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+                   "K": "i32", "offset": "fp32", "stride_xm": "i32", "stride_ym": "i32"}
+        fwd_sig.update({k: "constexpr" for k in ("HAS_BIAS", "DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT",
+                                                 "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+        specs.append(KernelSpec("nf4_matmul_fwd", _nf4_matmul_fwd_kernel, fwd_sig,
+                                {**meta, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                                divisible=("x_ptr", "y_ptr", "packed_ptr", *sizes, *(("stride_xm",) if aligned else ()),
+                                           "stride_ym")))
+        bwd_sig = {"dy_ptr": "*bf16", **_qsig(dq), "dx_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                   "offset": "fp32", "stride_dym": "i32", "stride_dxm": "i32"}
+        bwd_sig.update({k: "constexpr" for k in ("DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT", "BLOCK_M",
+                                                 "BLOCK_N", "BLOCK_K")})
+        specs.append(KernelSpec("nf4_matmul_bwd", _nf4_matmul_bwd_kernel, bwd_sig,
+                                {**meta, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                                divisible=("dy_ptr", "dx_ptr", "packed_ptr", *sizes, "stride_dym",
+                                           *(("stride_dxm",) if aligned else ()))))
+    for dq in (True, False):
+        specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel,
+                                {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32",
+                                 "DOUBLE_QUANT": "constexpr", "BLOCKSIZE": "constexpr", "BLOCK": "constexpr"},
+                                {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "BLOCK": _DEQ_BLOCK},
+                                divisible=("packed_ptr", "out_ptr")))
+    return specs
+
+
+register_kernel("nf4", _specs)
+
+
+def _check(ctx) -> None:
+    shapes = [(4096, 4096, 4096), (512, 1536, 576)] if ctx.large else [(37, 129, 99), (3, 576, 64)]
+    for m, k, n in shapes:
+        q = quantize_nf4(torch.randn(n, k, device=ctx.device), double_quant=k % 2 == 0)
+        for dtype in ctx.dtypes:
+            x = torch.randn(m, k, device=ctx.device, dtype=dtype)
+            dy = torch.randn(m, n, device=ctx.device, dtype=dtype)
+            ref = nf4_matmul_ref(x, q)
+            w64 = nf4_matmul_ref(torch.eye(k, device=ctx.device, dtype=torch.float64), q).t()  # (N, K)
+            dref = dy.double() @ w64
+            for path, out, r in (("fwd", matmul_triton(x, q, None, transposed=False), ref),
+                                 ("bwd", matmul_triton(dy, q, None, transposed=True), dref)):
+                base = None if dtype == torch.float32 else max_error(
+                    (x @ w64.t().to(dtype) if path == "fwd" else dy @ w64.to(dtype)), r)
+                ctx.results.append(CheckResult("nf4_matmul", path, str(dtype).removeprefix("torch."),
+                                               f"{m}x{k}x{n}", max_error(out, r), tolerance(r, dtype, base)))
+
+
+register_check("nf4_matmul", _check)
