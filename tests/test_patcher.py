@@ -132,6 +132,17 @@ def test_convergence_matches_unpatched(family, mode):
     assert max_diff(w, fp32_w) <= 2 * w_base + 1e-3
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_table_matches_transformers(family):
+    """Every row's attributes and config keys exist on the installed transformers' model of that family."""
+    row, model = FAMILIES[family], tiny_model(family)
+    assert isinstance(getattr(model, row.decoder), nn.Module)
+    assert getattr(model, row.lm_head) is model.get_output_embeddings()
+    if row.softcap_key:
+        assert row.softcap(model.config) == getattr(model.config, row.softcap_key) == 30.0
+    assert row.logit_scale(model.config) == 1.0
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_single_forward_equals_hf_loss(family):
     """One forward: HF's loss (shift, ignore -100, mean or sum / num_items_in_batch), logits=None while training."""
