@@ -17,8 +17,9 @@ import torch
 from sftfuse.engine import data
 from sftfuse.engine.models import tiny_model
 
-CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
-          "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+          "<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+          "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # A template whose turns do not end with EOS: the response must get EOS appended.
 NO_EOS = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
@@ -266,7 +267,8 @@ def test_collate_unpacked_pads_right(tok):
     ex = _examples([5, 3])
     b = data.collate(ex, pad_id=7, packed=False)
     assert b["input_ids"][1, 3:].tolist() == [7, 7] and b["labels"][1, 3:].tolist() == [-100, -100]
-    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]] and b["position_ids"][0].tolist() == [0, 1, 2, 3, 4]
+    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4]
     m = data.document_mask(torch.tensor([[0, 0, 1, -1]]))
     allowed = (m[0, 0] == 0).int().tolist()
     assert allowed == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]

@@ -117,7 +117,8 @@ class DataReport:
              " / ".join(str(p.get(k)) for k in ("p50", "p90", "p95", "p99", "max"))),
         ]
         if self.val_rows is not None:
-            rows += [("validation rows", self.val_rows), ("validation rows duplicating training", self.val_overlap_rows),
+            rows += [("validation rows", self.val_rows),
+                     ("validation rows duplicating training", self.val_overlap_rows),
                      ("validation prompts seen in training", self.val_prompt_overlap_rows)]
         if self.families:
             rows.append(("rows per family", ", ".join(f"{k} {v}" for k, v in sorted(self.families.items()))))

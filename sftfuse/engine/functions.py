@@ -180,7 +180,8 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     else:
         h, y = hidden2.index_select(0, idx), flat_y.index_select(0, idx)
     if n and (int(y.min()) < 0 or int(y.max()) >= V):
-        raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{int(y.min())}, {int(y.max())}]")
+        lo, hi = int(y.min()), int(y.max())
+        raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
     if num_items is not None and n and not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
     opts = _CEOptions(reduction, label_smoothing, z_loss, softcap, logit_scale, num_items)

@@ -11,12 +11,12 @@ Bytes: 4 + 8/64 + 32/16384 = 4.127 bits per weight, 0.258x of bf16 (0.266x with 
 6.5 G linear weights: 13 GB in bf16, 3.4 GB in NF4.
 
 Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is frozen, no dW).
-- Triton (sftfuse/kernels/nf4_triton.py): the K loop (N loop for the backward layout) loads packed bytes and uint8 scales, decodes nibbles,
-  codes and nested scales in registers and feeds tl.dot with fp32 accumulation; no dequantized weight is ever
-  written to global memory. Rule: above FUSED_MAX_TOKENS tokens the matmul is compute-bound (2*M*N*K flops
-  against N*K/2 bytes of weight), so one dequantize pass (N*K*2.5 bytes, under 1% of the matmul time there) plus
-  the library GEMM beats a kernel that repeats the decode for every M tile; below it, reading 4-bit weights is
-  what makes the fused kernel win, since the GEMM is bound by weight bytes.
+- Triton (sftfuse/kernels/nf4_triton.py): the K loop (N loop for the backward layout) loads packed bytes and uint8
+  scales, decodes nibbles, codes and nested scales in registers and feeds tl.dot with fp32 accumulation; no
+  dequantized weight is ever written to global memory. Rule: above FUSED_MAX_TOKENS tokens the matmul is compute-
+  bound (2*M*N*K flops against N*K/2 bytes of weight), so one dequantize pass (N*K*2.5 bytes, under 1% of the matmul
+  time there) plus the library GEMM beats a kernel that repeats the decode for every M tile; below it, reading 4-bit
+  weights is what makes the fused kernel win, since the GEMM is bound by weight bytes.
 - PyTorch (CPU): rows of W are decoded a tile at a time (<= TILE_ELEMS values) through a 256-entry
   byte -> (code[hi], code[lo]) table, one gather per two values, scaled in fp32 (bitsandbytes' rounding) and
   cast once to the compute dtype, then multiplied by the library GEMM (bf16 GEMM for bf16). Only one tile of
