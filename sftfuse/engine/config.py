@@ -49,10 +49,10 @@ class TrainConfig:
     batch_size: int = 4  # rows per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate (LoRA tolerates 10x a full fine-tune's)
-    warmup_steps: int = 8  # linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 6  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    max_steps: int = 110  # optimizer steps; 0 means "use epochs"
+    max_steps: int = 60  # optimizer steps; 0 means "use epochs"
     epochs: float = 1.0  # only used when max_steps == 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 ; auto: bf16 where the CPU/GPU computes it natively
@@ -60,10 +60,10 @@ class TrainConfig:
     seed: int = 0
 
     # -- validation, early stopping, checkpoints --------------------------------------------------------------
-    eval_interval: int = 25  # steps between validation losses; 0 disables
+    eval_interval: int = 20  # steps between validation losses; 0 disables
     max_eval_rows: int = 64  # validation rows (after packing) per evaluation; 0 = all
     patience: int = 3  # evaluations without improvement before stopping; 0 disables early stopping
-    checkpoint_interval: int = 25  # steps between checkpoints; 0 disables
+    checkpoint_interval: int = 20  # steps between checkpoints; 0 disables
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
 
     # -- forgetting probe and task evaluation ---------------------------------------------------------------
