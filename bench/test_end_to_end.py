@@ -145,12 +145,21 @@ def worker(config: str, steps: int) -> dict:
             "patch_report": report}
 
 
-def run_config(config: str, steps: int = 3, timeout: int = 900) -> dict:
+# Timed steps per configuration (after one warm-up step) and torch threads (0: torch's default). On a machine that
+# other jobs load, BENCH_THREADS=1 avoids OpenMP oversubscription, which slows a step several-fold.
+STEPS = int(os.environ.get("BENCH_STEPS", "3"))
+THREADS = int(os.environ.get("BENCH_THREADS", "0"))
+
+
+def run_config(config: str, steps: int = STEPS, timeout: int = 900) -> dict:
     """Run `config` in a fresh interpreter; returns its row, or {"error": ...} when it cannot run here."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, __file__, config, str(steps)], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, __file__, config, str(steps), str(THREADS)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "what": CONFIGS[config], "error": f"timed out after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -177,7 +186,7 @@ def test_end_to_end(config, benchmark, bench_record):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 3:  # threads: on a machine other jobs load, one thread avoids OpenMP oversubscription
+    if len(sys.argv) > 3 and int(sys.argv[3]) > 0:
         import torch
 
         torch.set_num_threads(int(sys.argv[3]))

@@ -1,7 +1,7 @@
 """patch_model / unpatch_model on tiny Hugging Face models of every supported family.
 
 What must hold: a patched model trains exactly like the unpatched one (losses per step, final adapter weights),
-under plain loops, gradient accumulation with `num_items_in_batch`, HF Trainer, TRL SFTTrainer and DDP; eval,
+under plain loops, gradient accumulation with `num_items_in_batch`, HF Trainer, TRL SFTTrainer, DDP and FSDP2; eval,
 `generate()` and unpatching are bit-for-bit the original; nothing global changes.
 
 Shapes: tiny configs from `sftfuse.engine.models.tiny_config` (hidden 64, 2 layers, vocab 1031 = prime, so every
@@ -12,6 +12,8 @@ padded positions both occur. Small enough that the whole file runs in about a mi
 from __future__ import annotations
 
 import copy
+import datetime
+import time
 
 import pytest
 import torch
@@ -128,6 +130,17 @@ def test_convergence_matches_unpatched(family, mode):
     w_base = max_diff(ref_w, fp32_w)
     assert (losses - fp32_losses).abs().max().item() <= 2 * loss_base + 1e-2
     assert max_diff(w, fp32_w) <= 2 * w_base + 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_table_matches_transformers(family):
+    """Every row's attributes and config keys exist on the installed transformers' model of that family."""
+    row, model = FAMILIES[family], tiny_model(family)
+    assert isinstance(getattr(model, row.decoder), nn.Module)
+    assert getattr(model, row.lm_head) is model.get_output_embeddings()
+    if row.softcap_key:
+        assert row.softcap(model.config) == getattr(model.config, row.softcap_key) == 30.0
+    assert row.logit_scale(model.config) == 1.0
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -324,27 +337,43 @@ def test_trl_sft_trainer_same_losses(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _dist_worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a bounded timeout: a rank that fails makes the other raise instead of waiting in a collective forever
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = lora_model("llama")
-        patch_model(model)
-        ddp = nn.parallel.DistributedDataParallel(model)
+        if kind == "ddp":
+            patch_model(model)
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:  # FSDP2 with the lm_head sharded on its own: its weight exists whole only inside its own forward
+            from torch.distributed.fsdp import fully_shard
+
+            inner = model.get_base_model()
+            for layer in [*inner.model.layers, inner.lm_head]:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+            assert patch_model(model, strict=True).family == "llama"  # patched after sharding
         full = sft_batch((5, 9, 14, 3), pad=3)
         n_items = torch.tensor(int((full["labels"][:, 1:] != -100).sum()))
         part = {k: v.chunk(world)[rank] for k, v in full.items()}
-        # every rank divides by the global token count; DDP averages, so scale by world (as HF Trainer does)
-        (ddp(**part, num_items_in_batch=n_items).loss * world).backward()
+        out_ = wrapped(**part, num_items_in_batch=n_items)
+        assert out_.logits is None
+        # every rank divides by the global token count; DDP and FSDP average, so scale by world (as HF Trainer does)
+        (out_.loss * world).backward()
+        grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
+                 else p.grad for n, p in model.named_parameters() if p.requires_grad}
         if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out)
+            torch.save(grads, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_distributed_gradients_equal_single_process(kind, tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -353,14 +382,19 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
-    ddp_grads = torch.load(out)
+    ctx = mp.start_processes(_dist_worker, args=(2, port, out, kind), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 400
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail(f"{kind} workers still running after 400 s")
+    dist_grads = torch.load(out)
     model = lora_model("llama")
     model(**sft_batch((5, 9, 14, 3), pad=3)).loss.backward()  # unpatched, whole batch, one process
     ref = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert ddp_grads.keys() == ref.keys()
-    assert max_diff(ddp_grads, ref) < 1e-5 * max(g.abs().max().item() for g in ref.values()) + 1e-7
-
+    assert dist_grads.keys() == ref.keys()
+    assert max_diff(dist_grads, ref) < 1e-5 * max(g.abs().max().item() for g in ref.values()) + 1e-7
 
 
 # ---------------------------------------------------------------------------------------------------------------

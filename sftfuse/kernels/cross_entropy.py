@@ -19,8 +19,9 @@ Two paths, one algorithm:
 - PyTorch (CPU, and the specification): tokens in chunks of `_config()` rows, sized from V and a memory budget.
   Each chunk's logits go into one reused fp32 buffer; the softmax and then the logit gradient are written in place
   into it, and the gradients are accumulated (fp32) in the same pass, so the backward only scales them by
-  grad_output. Matmuls run in the input dtype (bf16 matmul is ~4x faster than fp32 on AVX512-BF16 CPUs); the
-  bf16 weight-gradient product is formed in vocabulary slices and added to the fp32 accumulator.
+  grad_output. The logits and grad_hidden matmuls run in the input dtype (bf16 is up to ~4x faster than fp32 on
+  AVX512-BF16 CPUs); the weight gradient is one fp32 addmm per chunk from the fp32 logit gradient straight into
+  the fp32 accumulator (a bf16 product would need a (V, H) temporary or slow sliced GEMMs).
 - Triton (CUDA): the forward kernel fuses the matmul with an online log-sum-exp over vocabulary tiles; logit
   tiles live in registers only (loss memory is O(tokens)). The backward kernel recomputes each (rows x vocab) tile
   once and emits both gradients from it with fp32 atomic adds (dh over vocab tiles, dW over row tiles): one
@@ -115,8 +116,6 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, label_smo
     buf = torch.empty(rows, V, **f32)
     lbuf = torch.empty(rows, V, dtype=weight.dtype, device=h.device) if low else None
     tbuf = torch.empty(rows, V, **f32) if softcap is not None else None
-    wslice = 8192  # vocab rows per bf16 dW partial product: (8192, H) bf16 is 9 MB at H=576
-    wtmp = torch.empty(min(V, wslice), H, dtype=weight.dtype, device=h.device) if low and dw is not None else None
     wt = weight.t()
     eps = label_smoothing
     for s in range(0, n, rows):
@@ -162,13 +161,8 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, label_smo
                 dh[s:e] = torch.mm(g, weight)
             else:
                 torch.mm(g, weight, out=dh[s:e])
-        if dw is not None:
-            if low:
-                for v0 in range(0, V, wslice):
-                    v1 = min(v0 + wslice, V)
-                    dw[v0:v1].add_(torch.mm(g[:, v0:v1].t(), hc, out=wtmp[: v1 - v0]))
-            else:
-                torch.addmm(dw, g.t(), hc, out=dw)
+        if dw is not None:  # fp32 GEMM from the fp32 gradient: exact accumulation and no (V, H) temporary
+            torch.addmm(dw, z.t(), hc.float() if low else hc, out=dw)
         if db is not None:
             db += z.sum(0)
     return loss, lse, hit, dh, dw, db
