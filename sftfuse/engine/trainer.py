@@ -394,6 +394,7 @@ class Trainer:
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.ckpt_root, prefix=f".tmp-step-{self.step:06d}-"))
+            os.chmod(tmp, 0o755)
         if self.world > 1:
             box = [str(tmp) if tmp else None]
             torch.distributed.broadcast_object_list(box, src=0)
