@@ -55,3 +55,20 @@ def test_cli_flags_and_positional_overrides_agree():
                                       "--skip-bad-rows"])
     assert args.opt_replay_ratio == "0.2" and args.opt_lora_r == "4" and args.overrides == ["lr=5e-4"]
     assert args.resume and args.opt_skip_bad_rows == "true" and args.opt_qlora is None
+
+
+def test_cli_reports_a_bad_option_in_one_line(capsys):
+    from sftfuse.engine.cli import main
+
+    assert main(["train", "lerning_rate=1e-3"]) == 2
+    assert "unknown option" in capsys.readouterr().err
+
+
+def test_cli_bad_row_stops_with_file_and_line_before_loading_a_model(tmp_path, capsys):
+    from sftfuse.engine.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
+    assert main(["train", f"train_file={bad}", "model=/nonexistent/model", f"output_dir={tmp_path / 'o'}"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:line 2" in err

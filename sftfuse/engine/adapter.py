@@ -100,6 +100,7 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     replace_dir(tmp, out_dir)
@@ -207,6 +208,7 @@ def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_mode
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    os.chmod(tmp, 0o755)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     replace_dir(tmp, out_dir)

@@ -18,8 +18,18 @@ def _train(args) -> int:
 
     flags = [f"{name}={value}" for name in TrainConfig.__dataclass_fields__
              if (value := getattr(args, f"opt_{name}", None)) is not None]
-    cfg = load_config(args.config, [*flags, *args.overrides])
-    train(cfg, resume=args.resume)
+    from sftfuse.engine.data import DataError
+
+    try:
+        cfg = load_config(args.config, [*flags, *args.overrides])
+    except (ValueError, TypeError) as e:  # a typo in an option: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, resume=args.resume)
+    except DataError as e:  # names the file and line of the bad row
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -213,6 +213,7 @@ class Trainer:
         if self.resume and self.ckpt is None:
             self.log(f"--resume: no checkpoint under {self.ckpt_root}; starting from scratch")
 
+        self._read_data()  # before the model: a bad row fails in a second, not after a load
         t0 = time.perf_counter()
         self.model, self.tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
         self.model.to(self.device)
@@ -229,7 +230,7 @@ class Trainer:
         if self.ckpt is not None:
             self._load_checkpoint(self.ckpt)
 
-    def _setup_data(self) -> None:
+    def _read_data(self) -> None:
         from sftfuse.engine import data
 
         cfg = self.cfg
@@ -237,20 +238,27 @@ class Trainer:
         train_path = cfg.train_file or data.bundled_path("train")
         val_path = cfg.validation_file or (data.bundled_path("validation") if bundled else None)
         test_path = cfg.test_file or (data.bundled_path("test") if bundled else None)
-        self.train_set = data.read_rows(train_path, fmt=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows)
+        read = lambda p: data.read_rows(p, fmt=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows)  # noqa: E731
+        self.train_set = read(train_path)
+        self.val_set = read(val_path) if val_path else None
+        self.test_set = read(test_path) if test_path and cfg.task_eval else None
+
+    def _setup_data(self) -> None:
+        from sftfuse.engine import data
+
+        cfg = self.cfg
         self.train_examples = data.tokenize_rows(self.train_set.rows, self.tok, max_length=cfg.max_length,
                                                  fmt=self.train_set.fmt)
         self.val_rows: list[dict] = []
-        val_set = None
-        if val_path:
-            val_set = data.read_rows(val_path, fmt=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows)
+        val_set = self.val_set
+        if val_set is not None:
             ex = data.tokenize_rows(val_set.rows, self.tok, max_length=cfg.max_length, fmt=val_set.fmt)
             ex = [e for e in ex if any(lab != -100 for lab in e["labels"][1:])]
             rows = data.pack(ex, max_length=cfg.max_length) if cfg.packing else ex
             self.val_rows = rows[:cfg.max_eval_rows] if cfg.max_eval_rows else rows
         self.test_rows = []
-        if test_path and cfg.task_eval:
-            self.test_rows = data.read_rows(test_path, fmt=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows).rows
+        if self.test_set is not None:
+            self.test_rows = self.test_set.rows
             if cfg.max_test_rows:
                 self.test_rows = self.test_rows[:cfg.max_test_rows]
         report = data.quality_report(self.train_set, self.train_examples, self.tok, max_length=cfg.max_length,
@@ -394,6 +402,7 @@ class Trainer:
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.ckpt_root, prefix=f".tmp-step-{self.step:06d}-"))
+            os.chmod(tmp, 0o755)
         if self.world > 1:
             box = [str(tmp) if tmp else None]
             torch.distributed.broadcast_object_list(box, src=0)
