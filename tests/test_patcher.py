@@ -378,17 +378,24 @@ def test_distributed_gradients_equal_single_process(kind, tmp_path):
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    ctx = mp.start_processes(_dist_worker, args=(2, port, out, kind), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 400
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"{kind} workers still running after 400 s")
+    # Once in a full-suite run the two gloo workers never met (a port picked by bind-and-release is free again for
+    # anyone until gloo binds it). A rendezvous that hangs is not what this test checks: retry once on a new port.
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.start_processes(_dist_worker, args=(2, port, out, kind), nprocs=2, join=False, start_method="spawn")
+        deadline = time.monotonic() + 200
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                break
+        else:
+            break
+        if attempt == 1:
+            pytest.fail(f"{kind} workers still running after 200 s, twice")
     dist_grads = torch.load(out)
     model = lora_model("llama")
     model(**sft_batch((5, 9, 14, 3), pad=3)).loss.backward()  # unpatched, whole batch, one process
