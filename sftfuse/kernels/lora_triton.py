@@ -36,6 +36,7 @@ from sftfuse.kernels.lora import (
     lora_linear_fwd,
     lora_linear_ref,
 )
+from sftfuse.kernels.nf4_triton import _codes, _scales
 
 
 @triton.jit
@@ -64,15 +65,9 @@ def _keep_tile(row_keys, col_keys, thr):
 @triton.jit
 def _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset, flat, mask,
               DOUBLE_QUANT: tl.constexpr, NF4_BLOCK: tl.constexpr):
-    """fp32 values of the NF4 weight at flat indices `flat` (bitsandbytes' layout, `sftfuse.kernels.nf4`)."""
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    code = tl.load(code_ptr + ((byte >> ((1 - (flat & 1)) * 4)) & 15))  # element 2i in the high nibble
-    blk = flat // NF4_BLOCK
-    if DOUBLE_QUANT:  # absmax = dyn[qa] * absmax2[blk // 256] + offset
-        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // 256, mask=mask, other=0.0) + offset
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    """fp32 values of the NF4 weight at flat indices `flat`: nf4_triton's own nibble and scale decode."""
+    code = _codes(packed_ptr, code_ptr, flat, mask)
+    scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, flat // NF4_BLOCK, mask, DOUBLE_QUANT)
     return code * scale
 
 
