@@ -93,12 +93,26 @@ def test_sizes_match_reference(backend, shape, dtype):
     _check(hidden, weight, bias, labels)
 
 
-def test_small_chunks_match_reference(monkeypatch):
-    """Many PyTorch-path chunks, the last one partial (8-row chunks over 37 rows), fp32 and bf16 weight slices."""
-    monkeypatch.setattr(ce, "_config", lambda V, **kw: 8)
+@pytest.mark.parametrize("tiles", [(8, 1031), (8, 128), (37, 64), (1, 1000)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
+def test_small_tiles_match_reference(monkeypatch, tiles, gemm):
+    """PyTorch path: many row chunks and vocabulary tiles, the last of each partial (1031 = 8 x 128 + 7), so the
+    online log-sum-exp and the recomputed second pass run; GEMMs in the weight's dtype and in fp32."""
+    monkeypatch.setattr(ce, "_config", lambda V, H, **kw: tiles)
     monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", gemm)
     for dtype in DTYPES:
-        _check(*_inputs((2, 37), 64, 1031, dtype), label_smoothing=0.1, softcap=5.0)
+        _check(*_inputs((2, 37), 64, 1031, dtype, masked=0.4), label_smoothing=0.1, softcap=5.0, z_loss=1e-3)
+        _check(*_inputs((2, 37), 64, 1031, dtype), reduction="none", logit_scale=0.7)
+
+
+def test_tile_choice_fits_the_budget():
+    """The SmolLM2 head in fp32 is tiled over the vocabulary inside the budget; a small head is one tile."""
+    rows, cols = ce._config(49152, 576, n=1024, gemm_bytes=4, weight_cast=False, softcap=False)
+    assert cols < 49152 and rows * cols * 4 + 2 * rows * 576 * 4 <= ce._TORCH_BUDGET
+    assert ce._config(1031, 64, n=74, gemm_bytes=4, weight_cast=False, softcap=True) == (74, 1031)
+    rows, cols = ce._config(49152, 576, n=1024, gemm_bytes=4, weight_cast=True, softcap=True)
+    assert rows * cols * 8 + 2 * rows * 576 * 4 + cols * 576 * 4 <= ce._TORCH_BUDGET
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -155,7 +169,7 @@ class _CountMatmulRows(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.out,
-                    torch.ops.aten.addmm.out):
+                    torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default):
             a, b = (args[0], args[1]) if "addmm" not in str(func) else (args[1], args[2])
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
             if b.shape[1] == self.V:  # the logits matmul (c, H) @ (H, V)

@@ -48,37 +48,42 @@ class CrossEntropyStats:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Counted rows only. Torch path: gradients formed in the forward, scaled in the backward (reduction "none":
-    recomputed in the backward with per-row weights). Triton path: backward recomputes logit tiles."""
+    """Only counted rows reach a matmul. Torch path: gradients formed in the forward (rows gathered a chunk at a
+    time, dh written into the (N, H) gradient), scaled in the backward (reduction "none": recomputed in the
+    backward with per-row weights). Triton path: counted rows gathered; backward recomputes logit tiles."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, opts: _CEOptions):
+    def forward(ctx, hidden, weight, bias, y, idx, opts: _CEOptions):
+        """hidden: (N, H) all rows; idx: (n,) the counted rows (None: all); y: (n,) their labels."""
         from sftfuse.kernels import cross_entropy as ce
 
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         kw = {"label_smoothing": opts.label_smoothing, "z_loss": opts.z_loss, "softcap": opts.softcap,
               "logit_scale": opts.logit_scale}
-        n = h.shape[0]
+        n = y.shape[0]
         if opts.reduction == "mean":
             row_weight = torch.full((n,), 1.0 / (opts.num_items if opts.num_items is not None else max(n, 1)),
-                                    dtype=torch.float32, device=h.device)
+                                    dtype=torch.float32, device=y.device)
         else:
-            row_weight = torch.ones(n, dtype=torch.float32, device=h.device)
+            row_weight = torch.ones(n, dtype=torch.float32, device=y.device)
         ctx.opts, ctx.kw, ctx.needs = opts, kw, (need_dh, need_dw, need_db)
-        ctx.triton = use_triton(h, weight)
+        ctx.triton = use_triton(hidden, weight)
+        ctx.rows, ctx.hidden_dtype = hidden.shape[0], hidden.dtype
         any_grad = need_dh or need_dw or need_db
-        if ctx.triton:
-            loss, lse, hit = ce.linear_cross_entropy_fwd(h, weight, bias, y, **kw)
-            ctx.save_for_backward(h, weight, bias, y, lse, row_weight)
-        elif opts.reduction == "none" or not any_grad:
-            loss, lse, hit, *_ = ce.linear_cross_entropy_torch(h, weight, bias, y, None, **kw)
-            ctx.save_for_backward(h, weight, bias, y, lse, row_weight)
-        else:
+        if ctx.triton or opts.reduction == "none" or not any_grad:
+            h = hidden if idx is None else hidden.index_select(0, idx)  # counted rows only
+            if ctx.triton:
+                loss, lse, hit = ce.linear_cross_entropy_fwd(h, weight, bias, y, **kw)
+            else:
+                loss, lse, hit, *_ = ce.linear_cross_entropy_torch(h, weight, bias, y, None, **kw)
+            ctx.save_for_backward(h, weight, bias, y, lse, row_weight, idx)
+        else:  # PyTorch path: rows gathered a chunk at a time, dh written straight into an (N, H) gradient
             loss, lse, hit, dh, dw, db = ce.linear_cross_entropy_torch(
-                h, weight, bias, y, row_weight, need_dh=need_dh, need_dw=need_dw, need_db=need_db, **kw)
+                hidden, weight, bias, y, row_weight, rows_idx=idx, need_dh=need_dh, need_dw=need_dw,
+                need_db=need_db, **kw)
             ctx.grads = [dh, dw, db]  # fp32, owned: the backward scales them in place and hands them over
         total = loss if opts.reduction == "none" else (loss * row_weight).sum()
-        stats = torch.stack([lse.sum(), hit.sum().float()]) if n else torch.zeros(2, device=h.device)
+        stats = torch.stack([lse.sum(), hit.sum().float()]) if n else torch.zeros(2, device=y.device)
         ctx.mark_non_differentiable(stats)
         return total, stats
 
@@ -91,10 +96,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.grads is None:
                 raise RuntimeError("linear_cross_entropy: backward ran twice; its gradients were handed over")
             grads, ctx.grads = ctx.grads, None
-            g = grad_out.float()
-            grads = [t.mul_(g) if t is not None else None for t in grads]
+            if not (grad_out == 1).all():
+                g = grad_out.float()
+                grads = [t.mul_(g) if t is not None else None for t in grads]
         else:
-            h, weight, bias, y, lse, row_weight = ctx.saved_tensors
+            h, weight, bias, y, lse, row_weight, idx = ctx.saved_tensors
             row_weight = row_weight * grad_out.float()  # per-row upstream gradient for "none", a scalar otherwise
             if ctx.triton:
                 grads = ce.linear_cross_entropy_bwd(h, weight, bias, y, lse, row_weight, need_dw=need_dw,
@@ -102,7 +108,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 grads = ce.linear_cross_entropy_torch(h, weight, bias, y, row_weight, need_dh=need_dh,
                                                       need_dw=need_dw, need_db=need_db, **ctx.kw)[3:]
-        return (*grads, None, None)
+            grads = list(grads)
+            if grads[0] is not None and idx is not None:  # counted rows' gradient into the (N, H) one
+                grads[0] = grads[0].new_zeros(ctx.rows, grads[0].shape[1]).index_copy_(0, idx, grads[0])
+        if grads[0] is not None:
+            grads[0] = grads[0].to(ctx.hidden_dtype)
+        return (*grads, None, None, None)
 
 
 def _as_float(value, name: str) -> float:
@@ -176,19 +187,20 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     idx = (flat_y != ignore_index).nonzero().squeeze(1)  # (n,) counted rows: the only ones that reach a matmul
     n = idx.numel()
     if n == hidden2.shape[0]:
-        h, y = hidden2, flat_y
+        idx, y = None, flat_y
     else:
-        h, y = hidden2.index_select(0, idx), flat_y.index_select(0, idx)
+        y = flat_y.index_select(0, idx)
     if n and (int(y.min()) < 0 or int(y.max()) >= V):
         lo, hi = int(y.min()), int(y.max())
         raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
     if num_items is not None and n and not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
     opts = _CEOptions(reduction, label_smoothing, z_loss, softcap, logit_scale, num_items)
-    loss, sums = _LinearCrossEntropy.apply(h.to(weight.dtype).contiguous(), weight.contiguous(),
-                                           None if bias is None else bias.contiguous(), y, opts)
+    loss, sums = _LinearCrossEntropy.apply(hidden2.to(weight.dtype).contiguous(), weight.contiguous(),
+                                           None if bias is None else bias.contiguous(), y, idx, opts)
     if reduction == "none":
-        loss = loss.new_zeros(flat_y.shape).index_put((idx,), loss).reshape(labels.shape)
+        loss = loss if idx is None else loss.new_zeros(flat_y.shape).index_put((idx,), loss)
+        loss = loss.reshape(labels.shape)
     if not return_stats:
         return loss
     count = torch.tensor(n, device=hidden.device)

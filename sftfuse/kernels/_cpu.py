@@ -1,0 +1,68 @@
+"""Which dtype the PyTorch paths run their CPU GEMMs in, for 16-bit inputs: their own, or fp32.
+
+A bf16 GEMM is only faster than fp32 where the CPU has bf16 matrix units (AMX on Sapphire Rapids and later).
+With AVX512-BF16 alone oneDNN's bf16 GEMM can be the slower one: on this project's 2-core Xeon
+(avx512_bf16, no AMX) a (1024 x 576) @ (576 x 1536) GEMM ran at 170 GFLOP/s in bf16 and 320 in fp32. So the
+choice is measured once per process (`fp32_gemm_is_faster`, a few milliseconds), not assumed.
+
+Computing a 16-bit GEMM in fp32 loses nothing: a product of two bf16 (or fp16) values is exact in fp32 and both
+accumulate in fp32; only the fp32 copies of the operands are extra, and they are transient (a tile of weight and
+one activation). Saved activations stay in their own dtype.
+
+`SFTFUSE_CPU_GEMM=auto|native|fp32` overrides the choice (auto, the default, measures).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+
+import torch
+
+CHOICES = ("auto", "native", "fp32")
+
+
+def _choice() -> str:
+    choice = os.environ.get("SFTFUSE_CPU_GEMM", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"SFTFUSE_CPU_GEMM={choice!r}: expected one of {CHOICES}")
+    return choice
+
+
+def _best_of(fn, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@cache
+def fp32_gemm_is_faster(dtype: torch.dtype) -> bool:
+    """True when an fp32 GEMM, casts of its inputs and output included, beats a `dtype` GEMM on this CPU.
+
+    Measured once per dtype and process on a (256 x 512) @ (512 x 1024) product, best of 5 runs each; fp32 must
+    win by 10%, so a tie keeps the native dtype (and its smaller transients).
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 512, generator=gen).to(dtype)
+    b = torch.randn(1024, 512, generator=gen).to(dtype)
+    with torch.no_grad():
+        native = _best_of(lambda: torch.mm(a, b.t()))
+        wide = _best_of(lambda: torch.mm(a.float(), b.float().t()).to(dtype))
+    return wide < 0.9 * native
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype to run a GEMM on `dtype` operands in: `dtype` itself, or fp32 where that is faster here."""
+    if torch.device(device).type != "cpu" or dtype in (torch.float32, torch.float64):
+        return dtype
+    choice = _choice()
+    if choice == "native":
+        return dtype
+    if choice == "fp32" or fp32_gemm_is_faster(dtype):
+        return torch.float32
+    return dtype
