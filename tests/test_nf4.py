@@ -189,19 +189,28 @@ def test_dequantize_paths_agree(backend, dtype):
     assert out.dtype == dtype and torch.equal(out, ref)
 
 
-def test_cpu_tiles_bound_the_16bit_buffer(monkeypatch):
-    """With a small tile budget the CPU path decodes several row tiles and still matches."""
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
+def test_cpu_tiles_bound_the_16bit_buffer(monkeypatch, gemm):
+    """With a small tile budget the CPU path decodes several row tiles and still matches, with bf16 GEMMs
+    (bit-equal to F.linear on the dequantized weight) and with fp32 GEMMs on bf16 inputs (SFTFUSE_CPU_GEMM)."""
     from sftfuse.kernels import nf4
 
     monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", gemm)
     monkeypatch.setattr(nf4, "TILE_ELEMS", 64 * 129 * 2)  # 2 row steps of 64 rows (129 is odd: 64-row steps)
     q = quantize_nf4(randn(300, 129))
     tiles = nf4._row_tiles(q)
     assert len(tiles) == 3 and all(r0 * 129 % 64 == 0 for r0, _ in tiles)
     x, dy = randn(11, 129, dtype=torch.bfloat16), randn(11, 300, dtype=torch.bfloat16)
+    bias = randn(300, dtype=torch.bfloat16)
     w = dequantize_nf4(q, torch.bfloat16)
-    assert torch.equal(nf4_matmul_fwd(x, q), F.linear(x, w))
-    assert_close(nf4_matmul_bwd(dy, q), dy.double() @ w.double(), baseline=dy @ w)
+    y, dx = nf4_matmul_fwd(x, q, bias), nf4_matmul_bwd(dy, q)
+    assert y.dtype == dx.dtype == torch.bfloat16
+    if gemm == "native":
+        assert torch.equal(y, F.linear(x, w, bias))
+    ref_y = F.linear(x.double(), dequantize_nf4(q, torch.float32).double(), bias.double())
+    assert_close(y, ref_y, baseline=F.linear(x, w, bias))
+    assert_close(dx, dy.double() @ w.double(), baseline=dy @ w)
 
 
 def test_large_token_route(backend, monkeypatch):

@@ -19,8 +19,9 @@ Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is fr
   weights is what makes the fused kernel win, since the GEMM is bound by weight bytes.
 - PyTorch (CPU): rows of W are decoded a tile at a time (<= TILE_ELEMS values) through a 256-entry
   byte -> (code[hi], code[lo]) table, one gather per two values, scaled in fp32 (bitsandbytes' rounding) and
-  cast once to the compute dtype, then multiplied by the library GEMM (bf16 GEMM for bf16). Only one tile of
-  16-bit weight exists at a time.
+  cast once to the GEMM dtype, then multiplied by the library GEMM. The GEMM dtype is x's, or fp32 where an
+  fp32 GEMM is faster on this CPU (`sftfuse.kernels._cpu`: on AVX512-BF16 without AMX it is ~1.8x faster); the
+  fp32 tile is then the decode's own output, with no cast. Only one tile of decoded weight exists at a time.
 
 Rounding matches bitsandbytes 0.50 on CPU, checked in tests/test_nf4.py: NF4 indices are the nearest code, ties
 to the lower one; the nested 8-bit indices follow bitsandbytes' native CPU quantizer, which snaps the normalized
@@ -200,10 +201,10 @@ def _pair_table(device: torch.device, code: tuple[float, ...]) -> torch.Tensor:
     return torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-# Values decoded per step: the fp32 temporary (128 KiB) stays in L2 between its passes, and every op stays at
-# or under ATen's parallel grain (32768), so none opens a thread team: on a shared, busy CPU each team start
-# can wait a whole scheduler slice for its second thread, which cost more than the decode itself.
-_SUB = 1 << 15
+# Values decoded per step: large enough that each op's thread team pays for its start (1 << 15 cost 1.6x the
+# decode time of 1 << 18 on 2 quiet cores), small enough that a bf16 output's fp32 temporary (2 MiB) stays in L2.
+# An fp32 output (GEMMs in fp32, `sftfuse.kernels._cpu`) is gathered straight into place, with no temporary.
+_SUB = 1 << 18
 
 
 def _decode_flat(q: NF4Weight, start: int, end: int, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -214,13 +215,18 @@ def _decode_flat(q: NF4Weight, start: int, end: int, scales: torch.Tensor, out: 
     for s in range(0, end - start, _SUB):
         e = min(end - start, s + _SUB)
         idx = packed[(start + s) // 2:(start + e + 1) // 2].int()  # int32 indices: index_select skips an int64 copy
-        vals = table.index_select(0, idx).view(torch.float32)  # (2 * bytes,) fp32
+        direct = out.dtype == torch.float32 and (e - s) % 2 == 0  # gather straight into an fp32 output
+        if direct:
+            vals = torch.index_select(table, 0, idx, out=out[s:e].view(torch.int64)).view(torch.float32)
+        else:
+            vals = table.index_select(0, idx).view(torch.float32)  # (2 * bytes,) fp32
         full = (e - s) // bs * bs
         b0 = (start + s) // bs
         vals[:full].view(-1, bs).mul_(scales[b0:b0 + full // bs, None])
         if full < e - s:  # the weight's last, partial block
             vals[full:e - s].mul_(scales[b0 + full // bs])
-        out[s:e].copy_(vals[:e - s])  # one rounding to the compute dtype, as bitsandbytes
+        if not direct:
+            out[s:e].copy_(vals[:e - s])  # one rounding to the compute dtype, as bitsandbytes
     return out
 
 
@@ -253,22 +259,33 @@ def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fwd_torch(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    from sftfuse.kernels._cpu import gemm_dtype
+
     tiles, scales = _row_tiles(q), q.scales()
+    cd = gemm_dtype(x.dtype, x.device)  # x's dtype, or fp32 where that GEMM is faster on this CPU
+    xc, bc = x.to(cd), None if bias is None else bias.to(cd)
     if len(tiles) == 1:
-        return F.linear(x, _decode_rows(q, 0, q.shape[0], scales, x.dtype), bias)
+        return F.linear(xc, _decode_rows(q, 0, q.shape[0], scales, cd), bc).to(x.dtype)
     y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)  # (M, N)
     for r0, r1 in tiles:
-        y[:, r0:r1] = F.linear(x, _decode_rows(q, r0, r1, scales, x.dtype), None if bias is None else bias[r0:r1])
+        y[:, r0:r1] = F.linear(xc, _decode_rows(q, r0, r1, scales, cd), None if bc is None else bc[r0:r1])
     return y
 
 
 def _bwd_torch(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
+    from sftfuse.kernels._cpu import gemm_dtype
+
     tiles, scales = _row_tiles(q), q.scales()
+    cd = gemm_dtype(dy.dtype, dy.device)
+    dyc = dy.to(cd)
     if len(tiles) == 1:
-        return dy @ _decode_rows(q, 0, q.shape[0], scales, dy.dtype)
+        return (dyc @ _decode_rows(q, 0, q.shape[0], scales, cd)).to(dy.dtype)
     dx = torch.zeros(dy.shape[0], q.shape[1], dtype=torch.float32, device=dy.device)  # (M, K), fp32 sum of tiles
     for r0, r1 in tiles:
-        dx += (dy[:, r0:r1] @ _decode_rows(q, r0, r1, scales, dy.dtype)).float()
+        if cd == torch.float32:
+            dx.addmm_(dyc[:, r0:r1], _decode_rows(q, r0, r1, scales, cd))
+        else:
+            dx += (dyc[:, r0:r1] @ _decode_rows(q, r0, r1, scales, cd)).float()
     return dx.to(dy.dtype)
 
 
