@@ -121,6 +121,37 @@ def test_adapters_in_other_dtype_get_grads_in_their_dtype():
     assert dA.dtype == dB.dtype == torch.float32
 
 
+def test_fp32_input_over_bf16_base_computes_in_bf16():
+    """Autocast's case: fp32 activations over a bf16 base. x is cast as autocast casts for F.linear; its
+    gradient comes back in fp32, the adapters' in theirs."""
+    x = randn(13, 40, requires_grad=True)
+    W = randn(24, 40, dtype=torch.bfloat16, scale=40**-0.5)
+    A, B = randn(8, 40, scale=40**-0.5, requires_grad=True), randn(24, 8, scale=8**-0.5, requires_grad=True)
+    dy = randn(13, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, W, A, B, 2.0)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+    assert y.dtype == torch.bfloat16 and dx.dtype == dA.dtype == dB.dtype == torch.float32
+    leaves64 = [t.detach().to(torch.bfloat16).double().requires_grad_() for t in (x, A, B)]
+    y64 = lora_linear_ref(leaves64[0], W, leaves64[1], leaves64[2], 2.0, upcast=True)
+    g64 = torch.autograd.grad(y64, leaves64, dy.double())
+    xb, Ab, Bb = (t.detach().to(torch.bfloat16).requires_grad_() for t in (x, A, B))
+    yb = lora_linear_ref(xb, W, Ab, Bb, 2.0)
+    gb = torch.autograd.grad(yb, (xb, Ab, Bb), dy)
+    for name, ours, ref, b in zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), (y64, *g64), (yb, *gb), strict=True):
+        assert_close(ours.detach().to(torch.bfloat16), ref.detach(), baseline=b.detach(), name=name)
+
+
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
+def test_cpu_gemm_dtype_choice_keeps_results(monkeypatch, gemm):
+    """The PyTorch path on bf16 inputs with GEMMs forced to bf16 or to fp32 (SFTFUSE_CPU_GEMM; auto measures
+    which is faster): both match fp64, over a dense and an NF4 base, with dropout."""
+    monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", gemm)
+    test_lora_linear_matches_fp64("torch", (67, 70, 45, 8), True, 0.1, torch.bfloat16)
+    test_lora_linear_nf4_base("torch", (40, 128, 96, 16), 0.2, torch.bfloat16)
+
+
 def test_bad_arguments():
     x, W, A, B = randn(4, 8), randn(6, 8), randn(2, 8), randn(6, 2)
     with pytest.raises(ValueError, match="lora_A"):
@@ -132,7 +163,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="dropout"):
         lora_linear(x, W, A, B, 1.0, dropout=1.0)
     with pytest.raises(TypeError, match="base"):
-        lora_linear(x, W.double(), A, B, 1.0)
+        lora_linear(x, W.to(torch.int8), A, B, 1.0)
     with pytest.raises(ValueError, match="r"):
         LoRALinear.from_linear(nn.Linear(8, 6), r=0)
 

@@ -5,12 +5,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from sftfuse.kernels._registry import use_triton
 from sftfuse.kernels.nf4 import NF4Weight, nf4_matmul_bwd, nf4_matmul_fwd
+
+
+def _without_autocast(fn):
+    """Run a Function's forward or backward with autocast off: the kernels choose their own dtypes, and under
+    autocast a matmul inside them would be recast (the PyTorch paths' fp32 CPU GEMMs back to bf16, say)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return run
+
 
 # =============================================================================================================
 # linear + cross-entropy (sftfuse/kernels/cross_entropy.py)
@@ -53,6 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     backward with per-row weights). Triton path: counted rows gathered; backward recomputes logit tiles."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, hidden, weight, bias, y, idx, opts: _CEOptions):
         """hidden: (N, H) all rows; idx: (n,) the counted rows (None: all); y: (n,) their labels."""
         from sftfuse.kernels import cross_entropy as ce
@@ -88,6 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total, stats
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out, _grad_stats):
         from sftfuse.kernels import cross_entropy as ce
 
@@ -218,12 +238,14 @@ class _NF4Matmul(torch.autograd.Function):
     """y = x @ dequant(q)^T + b; dx = dy @ dequant(q). The 4-bit weight is frozen: no weight gradient."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight) -> torch.Tensor:
         ctx.q = q  # the packed weight itself: nothing dequantized is kept for the backward
         ctx.has_bias = bias is not None
         return nf4_matmul_fwd(x, q, bias)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, dy: torch.Tensor):
         dy = dy.contiguous()
         dx = nf4_matmul_bwd(dy, ctx.q) if ctx.needs_input_grad[0] else None
@@ -256,6 +278,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * (dropout(x) A^T) B^T; saves x, t = dropout(x) A^T and the dropout seed only."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, x, base, lora_A, lora_B, bias, scaling, p, seed):
         from sftfuse.kernels.lora import lora_linear_fwd
 
@@ -271,6 +294,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, dy):
         from sftfuse.kernels.lora import lora_linear_bwd
 
@@ -289,7 +313,9 @@ def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, tra
     """LoRA over a frozen base: y = x W^T + b + scaling * (dropout(x) A^T) B^T, with a memory-lean backward.
 
     Args:
-        x: (..., in). base: (out, in) tensor in x's dtype, or an `NF4Weight` of shape (out, in).
+        x: (..., in). base: (out, in) tensor, or an `NF4Weight` of shape (out, in). x is cast to a dense base's
+            dtype when they differ (fp32 activations under autocast over a bf16 base), as autocast casts for F.linear;
+            its gradient comes back in x's own dtype.
         lora_A: (r, in). lora_B: (out, r). Any float dtype; they compute in x's dtype, grads come back in theirs.
         scaling: alpha / r (or alpha / sqrt(r), rsLoRA).
         bias: (out,) or None (frozen unless it requires grad). dropout: probability on the adapter's input.
@@ -305,8 +331,10 @@ def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, tra
     if isinstance(base, torch.Tensor):
         if base.dim() != 2:
             raise ValueError(f"base: expected (out, in), got shape {tuple(base.shape)}")
-        if base.dtype != x.dtype:
-            raise TypeError(f"base: dtype {base.dtype} differs from x's {x.dtype}")
+        if not base.is_floating_point():
+            raise TypeError(f"base: expected a floating-point weight, got {base.dtype}")
+        if base.dtype != x.dtype:  # e.g. fp32 activations under autocast over a bf16 base: compute in the base's
+            x = x.to(base.dtype)
     if x.shape[-1] != in_f:
         raise ValueError(f"x: last dim {x.shape[-1]} != base in_features {in_f}")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_f:

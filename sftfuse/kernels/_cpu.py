@@ -50,7 +50,7 @@ def fp32_gemm_is_faster(dtype: torch.dtype) -> bool:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(256, 512, generator=gen).to(dtype)
     b = torch.randn(1024, 512, generator=gen).to(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
         native = _best_of(lambda: torch.mm(a, b.t()))
         wide = _best_of(lambda: torch.mm(a.float(), b.float().t()).to(dtype))
     return wide < 0.9 * native

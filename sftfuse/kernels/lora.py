@@ -11,7 +11,8 @@ Backward, with u = dy B (M, r):
     dx = dy W + s * mask * (u A) / (1 - p)       dB = s dy^T t       dA = s u^T dropout(x)
 The frozen base never gets a gradient. Accumulation is fp32 on both paths.
 
-PyTorch path (CPU, this file): the same plan in plain ops with bf16 GEMMs for bf16 inputs, the adapter terms
+PyTorch path (CPU, this file): the same plan in plain ops, GEMMs in x's dtype or in fp32 where that is faster
+on this CPU (`sftfuse.kernels._cpu`; the base weight is then cast per call, a transient copy), the adapter terms
 accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
 dy W added inside one GEMM). The CPU mask is one add and one lookup per element in a cached table of the
 per-element mixer (`_drop_mask`): each extra op costs a thread fork-join on a busy CPU. An NF4 base goes
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from sftfuse.kernels._cpu import gemm_dtype
 from sftfuse.kernels._registry import use_triton
 
 # Odd 32-bit multipliers (golden ratio, murmur3) and the shift of the per-element mixer.
@@ -124,40 +126,47 @@ def _dense(base) -> torch.Tensor | None:
 
 
 def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
+    cd = gemm_dtype(x.dtype, x.device)  # x's dtype, or fp32 where that GEMM is faster on this CPU
     drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
-    xa = x if drop is None else torch.where(drop, 0, x)
-    t = xa @ A.T  # (M, r)
+    xc = x.to(cd)
+    xa = xc if drop is None else torch.where(drop, 0, xc)
+    t = xa @ A.to(cd).T  # (M, r)
     if p > 0:
         t.mul_(1.0 / (1.0 - p))
     W = _dense(base)
     if W is None:
         from sftfuse.kernels.nf4 import nf4_matmul_fwd
 
-        y = nf4_matmul_fwd(x, base, bias)
+        y = nf4_matmul_fwd(xc, base, bias)
     else:
-        y = torch.addmm(bias, x, W.T) if bias is not None else x @ W.T
-    y.addmm_(t, B.T, alpha=s)  # the rank-r term accumulated into the base product, no (M, N) temporary
-    return y, t
+        Wc, bc = W.to(cd), None if bias is None else bias.to(cd)  # a transient fp32 copy where cd is fp32
+        y = torch.addmm(bc, xc, Wc.T) if bc is not None else xc @ Wc.T
+    y.addmm_(t, B.to(cd).T, alpha=s)  # the rank-r term accumulated into the base product, no (M, N) temporary
+    return y.to(x.dtype), t.to(x.dtype)
 
 
 def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
+    cd = gemm_dtype(dy.dtype, dy.device)
     drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
-    u = dy @ B  # (M, r)
+    dyc, Ac = dy.to(cd), A.to(cd)
+    u = dyc @ B.to(cd)  # (M, r)
     dx = None
     if need_dx:
         W = _dense(base)
-        g = u @ A  # (M, K): the adapter's share of dx, masked where the forward dropped x
+        g = u @ Ac  # (M, K): the adapter's share of dx, masked where the forward dropped x
         if drop is not None:
             g.masked_fill_(drop, 0)
         if W is None:
             from sftfuse.kernels.nf4 import nf4_matmul_bwd
 
-            dx = nf4_matmul_bwd(dy, base).add_(g, alpha=s / (1.0 - p))
+            dx = nf4_matmul_bwd(dyc, base).add_(g, alpha=s / (1.0 - p))
         else:
-            dx = g.addmm_(dy, W, beta=s / (1.0 - p))  # dy W accumulated onto it inside the GEMM
-    xa = x if drop is None else torch.where(drop, 0, x)
-    dA = torch.mm(u.T, xa).mul_(s / (1.0 - p))  # (r, K)
-    dB = torch.mm(t.T, dy).mul_(s).T.contiguous()  # (N, r); t^T dy reads dy in its own layout
+            dx = g.addmm_(dyc, W.to(cd), beta=s / (1.0 - p))  # dy W accumulated onto it inside the GEMM
+        dx = dx.to(dy.dtype)
+    xc = x.to(cd)
+    xa = xc if drop is None else torch.where(drop, 0, xc)
+    dA = torch.mm(u.T, xa).mul_(s / (1.0 - p)).to(A.dtype)  # (r, K)
+    dB = torch.mm(t.to(cd).T, dyc).mul_(s).T.contiguous().to(B.dtype)  # (N, r); t^T dy reads dy in its layout
     return dx, dA, dB
 
 
