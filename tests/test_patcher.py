@@ -371,6 +371,9 @@ def _dist_worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
             torch.save(grads, out)
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: a worker was seen to hang (or abort) there, in the destructors of gloo's process
+    # group or DDP's reducer, after its work was done and saved (faulthandler: no Python frame left but the caller).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
@@ -487,7 +490,7 @@ def test_sftfuse_qlora_modules_are_native_and_loss_is_fused():
     report = patch_model(model, strict=True)
     assert {e.op for e in report.swapped} == {"linear_cross_entropy", "linear_cross_entropy (head weight via the "
                                                                       "module call)", "lora_linear (native)",
-                                              "nf4_matmul (native)"}
+                                              "nf4_matmul (native)", "lora_mlp", "rms_norm"}
     out = model(**b)
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)

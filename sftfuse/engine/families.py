@@ -28,6 +28,9 @@ class Family:
         softcap_key: config key of the final-logit softcap, or None.
         logit_scale_key: config key of a constant multiplier (or divisor) of the logits, or None.
         logit_scale_divides: True when the family divides the logits by that constant (Granite's style).
+        norm_class: class name of the family's RMSNorm; norm_rule: its output rule ("weight": w * dtype(x_hat),
+            Llama's; "one_plus": dtype(x_hat * (1 + w)), Gemma-2's). See `sftfuse.kernels.rms_norm`.
+        mlp_class: class name of the family's gated MLP, down(act(gate(x)) * up(x)), or None.
     """
 
     model_type: str
@@ -36,6 +39,9 @@ class Family:
     softcap_key: str | None = None
     logit_scale_key: str | None = None
     logit_scale_divides: bool = False
+    norm_class: str | None = None
+    norm_rule: str = "weight"
+    mlp_class: str | None = None
 
     def softcap(self, config) -> float | None:
         """The final-logit softcap of `config`, or None when the family has none or it is switched off."""
@@ -54,11 +60,12 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama"),
-        Family("mistral"),
-        Family("qwen2"),
-        Family("qwen3"),
-        Family("gemma2", softcap_key="final_logit_softcapping"),
+        Family("llama", norm_class="LlamaRMSNorm", mlp_class="LlamaMLP"),
+        Family("mistral", norm_class="MistralRMSNorm", mlp_class="MistralMLP"),
+        Family("qwen2", norm_class="Qwen2RMSNorm", mlp_class="Qwen2MLP"),
+        Family("qwen3", norm_class="Qwen3RMSNorm", mlp_class="Qwen3MLP"),
+        Family("gemma2", softcap_key="final_logit_softcapping", norm_class="Gemma2RMSNorm", norm_rule="one_plus",
+               mlp_class="Gemma2MLP"),
     )
 }
 
@@ -67,3 +74,8 @@ def family_of(model) -> Family | None:
     """The table row for `model` (a `*ForCausalLM`, by `config.model_type`), or None if the family is unknown."""
     config = getattr(model, "config", None)
     return FAMILIES.get(getattr(config, "model_type", None))
+
+
+# Class name -> rule, and the gated-MLP class names, over every family: the patcher matches these modules by class.
+NORM_RULES: dict[str, str] = {f.norm_class: f.norm_rule for f in FAMILIES.values() if f.norm_class}
+MLP_CLASSES: frozenset[str] = frozenset(f.mlp_class for f in FAMILIES.values() if f.mlp_class)

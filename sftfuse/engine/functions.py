@@ -349,3 +349,146 @@ def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, tra
     p = float(dropout) if training else 0.0
     seed = new_seed() if p > 0 else 0
     return LoRALinearFunction.apply(x, base, lora_A, lora_B, bias, float(scaling), p, seed)
+
+
+
+# =============================================================================================================
+# Gated LoRA MLP (sftfuse/kernels/gated_mlp.py) and RMSNorm (sftfuse/kernels/rms_norm.py)
+# =============================================================================================================
+
+
+@dataclass(frozen=True)
+class LoRAParts:
+    """One LoRA projection of a fused block: frozen `base` (tensor or NF4Weight), scaling, dropout p and seed."""
+
+    base: object
+    scaling: float
+    p: float
+    seed: int
+
+
+class _LoRAMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)) over three LoRA linears; saves x and the rank-r projections only."""
+
+    @staticmethod
+    @_without_autocast
+    def forward(ctx, x, gate_A, gate_B, up_A, up_B, down_A, down_B, parts, act):
+        from sftfuse.kernels.gated_mlp import act_fwd
+        from sftfuse.kernels.lora import lora_linear_fwd
+
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        dt = x2.dtype
+        ab = [w.to(dt) for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]  # adapters compute in x's dtype
+        pg, pu, pd = parts
+        g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
+        u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
+        h = act_fwd(g.float(), act).mul_(u.float()).to(dt)
+        del g, u
+        y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
+        ctx.save_for_backward(x2, tg, tu, td, *ab)
+        ctx.parts, ctx.act, ctx.x_shape = parts, act, x.shape
+        ctx.dtypes = [w.dtype for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, dy):
+        from sftfuse.kernels.gated_mlp import act_bwd, act_fwd
+        from sftfuse.kernels.lora import lora_linear_bwd, lora_linear_fwd
+
+        x2, tg, tu, td, *ab = ctx.saved_tensors
+        pg, pu, pd = ctx.parts
+        dt = x2.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dt).contiguous()
+        g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)  # recomputed
+        u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
+        g32, u32 = g.float(), u.float()
+        del g, u
+        a = act_fwd(g32, ctx.act)
+        h = (a * u32).to(dt)
+        dh, dA_d, dB_d = lora_linear_bwd(dy2, h, td, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
+        del h
+        dh32 = dh.float()
+        du = (dh32 * a).to(dt)
+        dg = act_bwd(dh32.mul_(u32), g32, ctx.act).to(dt)
+        del a, g32, u32, dh32
+        need_dx = ctx.needs_input_grad[0]
+        dxg, dA_g, dB_g = lora_linear_bwd(dg, x2, tg, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p,
+                                          need_dx=need_dx)
+        dxu, dA_u, dB_u = lora_linear_bwd(du, x2, tu, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p,
+                                          need_dx=need_dx)
+        dx = dxg.add_(dxu).reshape(ctx.x_shape) if need_dx else None
+        grads = [t.to(d) for t, d in zip((dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), ctx.dtypes, strict=True)]
+        return dx, *grads, None, None
+
+
+def lora_mlp(x, gate, up, down, *, act="silu", training=True):
+    """Gated MLP down(act(gate(x)) * up(x)) with a LoRA adapter on each projection, saving only x and the rank-r
+    projections (gate and up run forward again in the backward).
+
+    Args:
+        x: (..., hidden). gate, up, down: (base, lora_A, lora_B, scaling, dropout) each, as `lora_linear` takes
+            them: base an (out, in) tensor or an NF4Weight, no bias; dropout the adapter's input dropout p.
+        act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU). training: dropout applies only when True.
+    Returns:
+        (..., hidden) in x's dtype; gradients to x and the six adapter matrices (in their own dtypes).
+    """
+    from sftfuse.kernels.gated_mlp import ACTS
+    from sftfuse.kernels.lora import new_seed
+
+    if act not in ACTS:
+        raise ValueError(f"act: expected one of {ACTS}, got {act!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {type(x).__name__}")
+    parts, adapters = [], []
+    for name, (base, A, B, scaling, dropout) in (("gate", gate), ("up", up), ("down", down)):
+        out_f, in_f = tuple(base.shape)
+        if A.dim() != 2 or A.shape[1] != in_f or tuple(B.shape) != (out_f, A.shape[0]):
+            raise ValueError(f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit base "
+                             f"({out_f}, {in_f})")
+        if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
+            raise TypeError(f"{name}: base dtype {base.dtype} differs from x's {x.dtype}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        p = float(dropout) if training else 0.0
+        parts.append(LoRAParts(base, float(scaling), p, new_seed() if p > 0 else 0))
+        adapters += [A, B]
+    if x.shape[-1] != gate[0].shape[1] or gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] != up[0].shape[0]:
+        raise ValueError(f"x (..., {x.shape[-1]}), gate {tuple(gate[0].shape)}, up {tuple(up[0].shape)} and down "
+                         f"{tuple(down[0].shape)} do not chain")
+    return _LoRAMLPFunction.apply(x, *adapters, tuple(parts), act)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """HF's RMSNorm (rule "weight" or "one_plus"); saves x and one fp32 scale per row."""
+
+    @staticmethod
+    @_without_autocast
+    def forward(ctx, x, weight, eps, rule):
+        from sftfuse.kernels.rms_norm import rms_norm_fwd
+
+        y, r = rms_norm_fwd(x, weight, eps, rule)
+        ctx.save_for_backward(x, r, weight)
+        ctx.rule = rule
+        return y
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, dy):
+        from sftfuse.kernels.rms_norm import rms_norm_bwd
+
+        x, r, weight = ctx.saved_tensors
+        dx, dw = rms_norm_bwd(dy, x, r, weight, ctx.rule, ctx.needs_input_grad[1])
+        return dx, dw, None, None
+
+
+def rms_norm(x, weight, eps, rule="weight"):
+    """RMSNorm over the last dim, Hugging Face's numerics: rule "weight" is Llama's w * dtype(x_hat), "one_plus"
+    Gemma-2's dtype(x_hat * (1 + w)). Saves only x and one fp32 scale per row for the backward."""
+    from sftfuse.kernels.rms_norm import RULES
+
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight: expected shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    return _RMSNormFunction.apply(x, weight, float(eps), rule)

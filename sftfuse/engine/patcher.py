@@ -25,6 +25,13 @@ The swaps:
   weights, `adapter_names`, disabled adapters) is left to PEFT: refused at patch time with a reason, or handed to
   the original forward when switched on after patching.
 - nf4: a bitsandbytes NF4 `Linear4bit` computes `nf4_matmul` on a zero-copy `NF4Weight` view of its quant state.
+- mlp: a family's gated MLP (class named in the family table) whose gate, up and down projections are all LoRA
+  linears (PEFT's, passing the lora checks, or sftfuse's; no bias) runs as one `lora_mlp`: it saves x and the three
+  rank-r projections and runs gate and up again in the backward, instead of keeping four (tokens x intermediate)
+  activations. SiLU and tanh-GELU activations.
+- rms_norm: a family's RMSNorm runs as `rms_norm`, HF's numerics (Llama's or Gemma-2's rule, from the table),
+  saving its 16-bit input and one fp32 scale per row instead of fp32 copies of the activations.
+The mlp and rms_norm swaps only act while autograd records; in no_grad (eval, `generate()`) the original runs.
 sftfuse's own `NF4Linear` and `LoRALinear` already run the fused ops and are listed as native.
 """
 
@@ -38,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftfuse.engine.families import FAMILIES, Family, family_of
+from sftfuse.engine.families import FAMILIES, MLP_CLASSES, NORM_RULES, Family, family_of
 
 _RECORD = "_sftfuse_forward"  # instance attribute: the _Forward we installed (present while patched)
 
@@ -244,12 +251,14 @@ def _check_lora(module: nn.Module) -> str | None:
     return None
 
 
-def _lora_forward(module, original, state, x, *args, **kwargs):
-    # Anything switched on after patching (adapter_names, a second adapter, merge, disable) goes back to PEFT.
-    if args or kwargs or _check_lora(module) is not None:
-        return original(x, *args, **kwargs)
-    from sftfuse.engine import functions
-
+def _lora_parts(module: nn.Module):
+    """(base weight or NF4Weight, lora_A, lora_B, scaling, bias, dropout p, compute dtype) of a PEFT LoRA linear
+    that passes `_check_lora`, or of an sftfuse LoRALinear."""
+    if _is_sftfuse_module(module, "LoRALinear"):
+        base = module.base_layer
+        nf4 = hasattr(base, "quant")
+        return (module._base(), module.lora_A, module.lora_B, module.scaling, base.bias, module.lora_dropout,
+                base.compute_dtype if nf4 else base.weight.dtype)
     name = module.active_adapters[0]
     base = module.get_base_layer()
     if _is_bnb_4bit(base):
@@ -258,13 +267,95 @@ def _lora_forward(module, original, state, x, *args, **kwargs):
         weight, compute = base.quant, base.compute_dtype
     else:
         weight, compute = base.weight, base.weight.dtype
-    dtype = compute or weight.dtype
     dropout = module.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    return (weight, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]), base.bias,
+            p, compute or weight.dtype)
+
+
+def _lora_forward(module, original, state, x, *args, **kwargs):
+    # Anything switched on after patching (adapter_names, a second adapter, merge, disable) goes back to PEFT.
+    if args or kwargs or _check_lora(module) is not None:
+        return original(x, *args, **kwargs)
+    from sftfuse.engine import functions
+
+    weight, A, B, scaling, bias, p, dtype = _lora_parts(module)
     # lora_linear computes the adapter in x's dtype and returns its gradients in the adapters' own (fp32) dtype
-    y = functions.lora_linear(x.to(dtype), weight, module.lora_A[name].weight, module.lora_B[name].weight,
-                              float(module.scaling[name]), bias=base.bias, dropout=p, training=module.training)
+    y = functions.lora_linear(x.to(dtype), weight, A, B, scaling, bias=bias, dropout=p, training=module.training)
     return y.to(x.dtype)
+
+
+# =============================================================================================================
+# Gated MLPs whose three projections are LoRA linears, and RMSNorms
+# =============================================================================================================
+
+_ACTS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    return type(module).__name__ in MLP_CLASSES and all(hasattr(module, n) for n in (*_PROJ, "act_fn"))
+
+
+def _check_mlp(module: nn.Module) -> str | None:
+    act = type(module.act_fn).__name__
+    if act not in _ACTS:
+        return f"activation {act} is not fused (SiLU and tanh-GELU are)"
+    dtypes = set()
+    for name in _PROJ:
+        proj = getattr(module, name)
+        if _is_peft_lora_linear(proj):
+            reason = _check_lora(proj)
+            if reason is not None:
+                return f"{name}: {reason}"
+        elif not _is_sftfuse_module(proj, "LoRALinear"):
+            return f"{name} is a {type(proj).__name__}, not a LoRA linear"
+        weight, *_, bias, _, dtype = _lora_parts(proj)
+        if bias is not None:
+            return f"{name} has a bias"
+        dtypes.add(dtype)
+    if len(dtypes) != 1:
+        return f"projections compute in different dtypes {sorted(map(str, dtypes))}"
+    return None
+
+
+def _mlp_forward(module, original, state, x, *args, **kwargs):
+    # Without autograd (eval, generate) the fused block saves nothing worth saving: the original runs.
+    if args or kwargs or not torch.is_grad_enabled() or _check_mlp(module) is not None:
+        return original(x, *args, **kwargs)
+    from sftfuse.engine import functions
+
+    parts = [_lora_parts(getattr(module, name)) for name in _PROJ]
+    dtype = parts[0][-1]
+    gate, up, down = ((w, A, B, s, p) for w, A, B, s, _, p, _ in parts)
+    y = functions.lora_mlp(x.to(dtype), gate, up, down, act=_ACTS[type(module.act_fn).__name__],
+                           training=module.training)
+    return y.to(x.dtype)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__ in NORM_RULES and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _norm_eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return None if eps is None else float(eps)
+
+
+def _check_norm(module: nn.Module) -> str | None:
+    if module.weight.dim() != 1:
+        return f"weight of shape {tuple(module.weight.shape)}, expected 1-D"
+    if _norm_eps(module) is None:
+        return "no variance_epsilon or eps attribute"
+    return None
+
+
+def _norm_forward(module, original, state, x, *args, **kwargs):
+    if args or kwargs or not torch.is_grad_enabled() or x.shape[-1:] != module.weight.shape:
+        return original(x, *args, **kwargs)
+    from sftfuse.engine import functions
+
+    return functions.rms_norm(x, module.weight, _norm_eps(module), NORM_RULES[type(module).__name__])
 
 
 # =============================================================================================================
@@ -283,6 +374,8 @@ class _Swap:
 
 _SWAPS = (
     _Swap("cross_entropy", _is_causal_lm, _check_loss, _causal_lm_forward, "linear_cross_entropy"),
+    _Swap("mlp", _is_gated_mlp, lambda m, strict: _check_mlp(m), _mlp_forward, "lora_mlp"),
+    _Swap("rms_norm", _is_rms_norm, lambda m, strict: _check_norm(m), _norm_forward, "rms_norm"),
     _Swap("lora", _is_peft_lora_linear, lambda m, strict: _check_lora(m), _lora_forward, "lora_linear"),
     _Swap("lora", lambda m: _is_sftfuse_module(m, "LoRALinear"), lambda m, s: None, None, "lora_linear (native)"),
     _Swap("nf4", _is_bnb_4bit, lambda m, strict: _check_nf4(m), _nf4_forward, "nf4_matmul"),
@@ -331,7 +424,7 @@ class PatchReport:
 
 
 def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = True, nf4: bool = True,
-                strict: bool = False) -> PatchReport:
+                mlp: bool = True, rms_norm: bool = True, strict: bool = False) -> PatchReport:
     """Swap sftfuse's fused ops into `model` (this instance only) and report what was swapped.
 
     Args:
@@ -341,6 +434,10 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
             `loss` and `logits=None`; see the module docstring for the exact rule).
         lora: swap PEFT LoRA linears for `lora_linear` on the same parameters.
         nf4: swap bitsandbytes NF4 linears for `nf4_matmul`.
+        mlp: run a family's gated MLP whose gate, up and down are all LoRA linears as one `lora_mlp` (saves x and
+            the rank-r projections; gate and up run again in the backward). Only while autograd records.
+        rms_norm: run a family's RMSNorm as `rms_norm` (same numerics; saves the 16-bit input, not fp32 copies).
+            Only while autograd records.
         strict: raise ValueError (naming the supported families) when the model's family has no table row,
             instead of patching only the generic parts.
 
@@ -349,7 +446,7 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"cross_entropy": cross_entropy, "lora": lora, "nf4": nf4}
+    enabled = {"cross_entropy": cross_entropy, "lora": lora, "nf4": nf4, "mlp": mlp, "rms_norm": rms_norm}
     report = PatchReport()
     for name, module in model.named_modules():
         swap = next((s for s in _SWAPS if s.match(module)), None)
