@@ -119,7 +119,7 @@ def test_convergence_matches_unpatched(family, mode):
     patched = copy.deepcopy(ref_model)
     report = patch_model(patched, strict=True)
     assert report.family == family and not report.skipped
-    assert {e.op for e in report.swapped} >= {"linear_cross_entropy", "lora_linear"}
+    assert {e.op for e in report.swapped} >= {"linear_cross_entropy", "lora_linear", "lora_mlp", "rms_norm"}
     ref_losses, ref_w = train(ref_model, batches)
     losses, w = train(patched, batches)
     if dtype == torch.float32:
@@ -208,6 +208,32 @@ def test_generate_unchanged(family):
         unpatched = copy.deepcopy(model)
         unpatch_model(unpatched)
         torch.testing.assert_close(model(input_ids=prompt).logits, unpatched(input_ids=prompt).logits)
+
+
+@pytest.mark.parametrize("mlp", ["recompute", "save", False])
+def test_mlp_modes_match_unpatched_and_stay_out_of_no_grad(mlp, monkeypatch):
+    """Each MLP mode trains as the unpatched model (fp32); under no_grad the original forward runs. (Dropout masks
+    through the recomputed forward: tests/test_fused_blocks.py.)"""
+    from sftfuse.engine import functions
+
+    ref_model = lora_model("qwen3")
+    patched = copy.deepcopy(ref_model)
+    report = patch_model(patched, mlp=mlp, strict=True)
+    assert ("lora_mlp" in {e.op for e in report.swapped}) == bool(mlp)
+    batches = [[sft_batch(seed=s)] for s in range(2)]
+    calls = []
+    real = functions.lora_mlp
+    monkeypatch.setattr(functions, "lora_mlp", lambda *a, **k: calls.append(k["recompute"]) or real(*a, **k))
+    ref_losses, ref_w = train(ref_model, batches, steps=2)
+    losses, w = train(patched, batches, steps=2)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    assert max_diff(w, ref_w) < 1e-4
+    assert calls == ([mlp == "recompute"] * 2 * 2 if mlp else [])  # 16-bit bases: "auto" would be "save"
+    with torch.no_grad():
+        patched(**sft_batch())
+    assert len(calls) == (4 if mlp else 0)
+    with pytest.raises(ValueError, match="mlp"):
+        patch_model(patched, mlp="sometimes")
 
 
 def test_report_flags_and_skips():

@@ -372,7 +372,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, x, gate_A, gate_B, up_A, up_B, down_A, down_B, parts, act):
+    def forward(ctx, x, gate_A, gate_B, up_A, up_B, down_A, down_B, parts, act, recompute):
         from sftfuse.kernels.gated_mlp import act_fwd
         from sftfuse.kernels.lora import lora_linear_fwd
 
@@ -383,9 +383,9 @@ class _LoRAMLPFunction(torch.autograd.Function):
         g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
         u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
         h = act_fwd(g.float(), act).mul_(u.float()).to(dt)
-        del g, u
         y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
-        ctx.save_for_backward(x2, tg, tu, td, *ab)
+        kept = (None, None) if recompute else (g, u)
+        ctx.save_for_backward(x2, tg, tu, td, *kept, *ab)
         ctx.parts, ctx.act, ctx.x_shape = parts, act, x.shape
         ctx.dtypes = [w.dtype for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -396,12 +396,13 @@ class _LoRAMLPFunction(torch.autograd.Function):
         from sftfuse.kernels.gated_mlp import act_bwd, act_fwd
         from sftfuse.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
-        x2, tg, tu, td, *ab = ctx.saved_tensors
+        x2, tg, tu, td, g, u, *ab = ctx.saved_tensors
         pg, pu, pd = ctx.parts
         dt = x2.dtype
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt).contiguous()
-        g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)  # recomputed
-        u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
+        if g is None:  # recompute: gate and up run forward again (same dropout masks, from the same seeds)
+            g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
+            u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
         g32, u32 = g.float(), u.float()
         del g, u
         a = act_fwd(g32, ctx.act)
@@ -419,17 +420,19 @@ class _LoRAMLPFunction(torch.autograd.Function):
                                           need_dx=need_dx)
         dx = dxg.add_(dxu).reshape(ctx.x_shape) if need_dx else None
         grads = [t.to(d) for t, d in zip((dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), ctx.dtypes, strict=True)]
-        return dx, *grads, None, None
+        return dx, *grads, None, None, None
 
 
-def lora_mlp(x, gate, up, down, *, act="silu", training=True):
+def lora_mlp(x, gate, up, down, *, act="silu", training=True, recompute=True):
     """Gated MLP down(act(gate(x)) * up(x)) with a LoRA adapter on each projection, saving only x and the rank-r
-    projections (gate and up run forward again in the backward).
+    projections (gate and up run forward again in the backward), or, with recompute=False, also gate's and up's
+    outputs (half of what autograd keeps for the unfused block, and no GEMM is repeated).
 
     Args:
         x: (..., hidden). gate, up, down: (base, lora_A, lora_B, scaling, dropout) each, as `lora_linear` takes
             them: base an (out, in) tensor or an NF4Weight, no bias; dropout the adapter's input dropout p.
         act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU). training: dropout applies only when True.
+        recompute: True: save x only and run gate and up again in the backward; False: save their outputs too.
     Returns:
         (..., hidden) in x's dtype; gradients to x and the six adapter matrices (in their own dtypes).
     """
@@ -456,7 +459,7 @@ def lora_mlp(x, gate, up, down, *, act="silu", training=True):
     if x.shape[-1] != gate[0].shape[1] or gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] != up[0].shape[0]:
         raise ValueError(f"x (..., {x.shape[-1]}), gate {tuple(gate[0].shape)}, up {tuple(up[0].shape)} and down "
                          f"{tuple(down[0].shape)} do not chain")
-    return _LoRAMLPFunction.apply(x, *adapters, tuple(parts), act)
+    return _LoRAMLPFunction.apply(x, *adapters, tuple(parts), act, bool(recompute))
 
 
 class _RMSNormFunction(torch.autograd.Function):

@@ -324,12 +324,16 @@ def _mlp_forward(module, original, state, x, *args, **kwargs):
     if args or kwargs or not torch.is_grad_enabled() or _check_mlp(module) is not None:
         return original(x, *args, **kwargs)
     from sftfuse.engine import functions
+    from sftfuse.kernels.nf4 import NF4Weight
 
     parts = [_lora_parts(getattr(module, name)) for name in _PROJ]
     dtype = parts[0][-1]
+    recompute = state.get("recompute", "auto")
+    if recompute == "auto":  # QLoRA (4-bit bases): memory first, recompute gate and up; 16-bit: keep their outputs
+        recompute = all(isinstance(w, NF4Weight) for w, *_ in parts)
     gate, up, down = ((w, A, B, s, p) for w, A, B, s, _, p, _ in parts)
     y = functions.lora_mlp(x.to(dtype), gate, up, down, act=_ACTS[type(module.act_fn).__name__],
-                           training=module.training)
+                           training=module.training, recompute=recompute)
     return y.to(x.dtype)
 
 
@@ -424,7 +428,7 @@ class PatchReport:
 
 
 def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = True, nf4: bool = True,
-                mlp: bool = True, rms_norm: bool = True, strict: bool = False) -> PatchReport:
+                mlp: bool | str = True, rms_norm: bool = True, strict: bool = False) -> PatchReport:
     """Swap sftfuse's fused ops into `model` (this instance only) and report what was swapped.
 
     Args:
@@ -434,8 +438,11 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
             `loss` and `logits=None`; see the module docstring for the exact rule).
         lora: swap PEFT LoRA linears for `lora_linear` on the same parameters.
         nf4: swap bitsandbytes NF4 linears for `nf4_matmul`.
-        mlp: run a family's gated MLP whose gate, up and down are all LoRA linears as one `lora_mlp` (saves x and
-            the rank-r projections; gate and up run again in the backward). Only while autograd records.
+        mlp: run a family's gated MLP whose gate, up and down are all LoRA linears as one `lora_mlp`. True or
+            "auto": over 4-bit bases (QLoRA, where memory is the point) it saves x and the rank-r projections and
+            runs gate and up again in the backward; over 16-bit bases it also saves gate's and up's outputs (half
+            of the unfused block's activations, no repeated GEMM). "recompute" or "save" force either; False
+            leaves the MLPs alone. Only while autograd records.
         rms_norm: run a family's RMSNorm as `rms_norm` (same numerics; saves the 16-bit input, not fp32 copies).
             Only while autograd records.
         strict: raise ValueError (naming the supported families) when the model's family has no table row,
@@ -446,7 +453,9 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"cross_entropy": cross_entropy, "lora": lora, "nf4": nf4, "mlp": mlp, "rms_norm": rms_norm}
+    if mlp not in (True, False, "auto", "recompute", "save"):
+        raise ValueError(f"mlp: expected True, False, 'auto', 'recompute' or 'save', got {mlp!r}")
+    enabled = {"cross_entropy": cross_entropy, "lora": lora, "nf4": nf4, "mlp": bool(mlp), "rms_norm": rms_norm}
     report = PatchReport()
     for name, module in model.named_modules():
         swap = next((s for s in _SWAPS if s.match(module)), None)
@@ -466,7 +475,8 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
             for sub, head, op in _patch_loss(module):
                 report.swapped.append(PatchEntry(f"{name}.{sub}" if name else sub, swap.kind, type(head).__name__, op))
         elif swap.impl is not None:
-            _install(module, swap.impl)
+            _install(module, swap.impl, {"recompute": {True: "auto", "recompute": True, "save": False}.get(mlp, "auto")}
+                     if swap.kind == "mlp" else None)
     return report
 
 
