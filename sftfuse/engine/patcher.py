@@ -26,9 +26,10 @@ The swaps:
   the original forward when switched on after patching.
 - nf4: a bitsandbytes NF4 `Linear4bit` computes `nf4_matmul` on a zero-copy `NF4Weight` view of its quant state.
 - mlp: a family's gated MLP (class named in the family table) whose gate, up and down projections are all LoRA
-  linears (PEFT's, passing the lora checks, or sftfuse's; no bias) runs as one `lora_mlp`: it saves x and the three
-  rank-r projections and runs gate and up again in the backward, instead of keeping four (tokens x intermediate)
-  activations. SiLU and tanh-GELU activations.
+  linears (PEFT's, passing the lora checks, or sftfuse's; no bias) runs as one `lora_mlp`, which autograd would
+  otherwise keep four (tokens x intermediate) activations for. Over 4-bit bases it saves x and the three rank-r
+  projections and runs gate and up again in the backward; over 16-bit bases it also keeps gate's and up's outputs
+  (`patch_model(mlp="recompute" | "save")` forces either). SiLU and tanh-GELU activations.
 - rms_norm: a family's RMSNorm runs as `rms_norm`, HF's numerics (Llama's or Gemma-2's rule, from the table),
   saving its 16-bit input and one fp32 scale per row instead of fp32 copies of the activations.
 The mlp and rms_norm swaps only act while autograd records; in no_grad (eval, `generate()`) the original runs.
@@ -310,7 +311,7 @@ def _check_mlp(module: nn.Module) -> str | None:
                 return f"{name}: {reason}"
         elif not _is_sftfuse_module(proj, "LoRALinear"):
             return f"{name} is a {type(proj).__name__}, not a LoRA linear"
-        weight, *_, bias, _, dtype = _lora_parts(proj)
+        *_, bias, _, dtype = _lora_parts(proj)
         if bias is not None:
             return f"{name} has a bias"
         dtypes.add(dtype)
