@@ -382,7 +382,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         pg, pu, pd = parts
         g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
         u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
-        h = act_fwd(g.float(), act).mul_(u.float()).to(dt)
+        h = act_fwd(g, act).mul_(u)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)
         y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
         kept = (None, None) if recompute else (g, u)
         ctx.save_for_backward(x2, tg, tu, td, *kept, *ab)
@@ -403,16 +403,16 @@ class _LoRAMLPFunction(torch.autograd.Function):
         if g is None:  # recompute: gate and up run forward again (same dropout masks, from the same seeds)
             g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
             u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
-        g32, u32 = g.float(), u.float()
-        del g, u
-        a = act_fwd(g32, ctx.act)
-        h = (a * u32).to(dt)
+        # the elementwise part in x's dtype, as autograd would run the unfused block (no fp32 copies: at 1536
+        # wide they were 5 x 6 MB of transients per layer)
+        a = act_fwd(g, ctx.act)
+        h = a * u
         dh, dA_d, dB_d = lora_linear_bwd(dy2, h, td, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
         del h
-        dh32 = dh.float()
-        du = (dh32 * a).to(dt)
-        dg = act_bwd(dh32.mul_(u32), g32, ctx.act).to(dt)
-        del a, g32, u32, dh32
+        du = dh * a
+        del a
+        dg = act_bwd(dh.mul_(u), g, ctx.act)
+        del g, u, dh
         need_dx = ctx.needs_input_grad[0]
         dxg, dA_g, dB_g = lora_linear_bwd(dg, x2, tg, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p,
                                           need_dx=need_dx)

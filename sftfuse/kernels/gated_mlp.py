@@ -9,7 +9,7 @@ activation's backward), up's output and the activation's output (for the product
 377 MB over 30 layers. This block keeps x (shared with whatever else saved it) and the three rank-r projections t
 (tokens x r) and, in the backward, runs gate and up forward once more (two of the block's six large GEMMs, plus
 their adapters) to get the activation's inputs back: the trade Unsloth's fused MLP makes.
-Backward, with a = act(g), h = a * u (fp32 math, one rounding):
+Backward, with a = act(g), h = a * u (in x's dtype, as autograd runs the unfused block):
     dh, d(down adapter) = lora backward of down at (dy, h);  du = dh * a;  dg = dh * u * act'(g)
     dx = (lora backward of gate at dg) + (lora backward of up at du)
 The dropout masks are regenerated from each projection's seed (`sftfuse.kernels.lora`), so the recomputed
