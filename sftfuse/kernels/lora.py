@@ -12,7 +12,8 @@ Backward, with u = dy B (M, r):
 The frozen base never gets a gradient. Accumulation is fp32 on both paths.
 
 PyTorch path (CPU, this file): the same plan in plain ops, GEMMs in x's dtype or in fp32 where that is faster
-on this CPU (`sftfuse.kernels._cpu`; the base weight is then cast per call, a transient copy), the adapter terms
+on this CPU (`sftfuse.kernels._cpu`; a dense base weight is then cast per call, a transient copy; over an NF4
+base the adapter stays in x's dtype and nf4_matmul makes that choice around its decoded tiles), the adapter terms
 accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
 dy W added inside one GEMM). The CPU mask is one add and one lookup per element in a cached table of the
 per-element mixer (`_drop_mask`): each extra op costs a thread fork-join on a busy CPU. An NF4 base goes
