@@ -14,7 +14,6 @@ one activation). Saved activations stay in their own dtype.
 
 from __future__ import annotations
 
-import os
 import time
 from functools import cache
 
@@ -24,10 +23,9 @@ CHOICES = ("auto", "native", "fp32")
 
 
 def _choice() -> str:
-    choice = os.environ.get("SFTFUSE_CPU_GEMM", "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"SFTFUSE_CPU_GEMM={choice!r}: expected one of {CHOICES}")
-    return choice
+    from sftfuse.kernels._registry import env_choice
+
+    return env_choice("SFTFUSE_CPU_GEMM", CHOICES)
 
 
 def _best_of(fn, reps: int = 5) -> float:

@@ -21,12 +21,17 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """Environment variable `name`, lower-cased, checked against `choices` (the first is the default)."""
+    choice = os.environ.get(name, choices[0]).strip().lower() or choices[0]
+    if choice not in choices:
+        raise ValueError(f"{name}={choice!r}: expected one of {choices}")
+    return choice
+
+
 def backend_choice() -> str:
     """The `SFTFUSE_BACKEND` override: 'auto' (default), 'torch' or 'triton'."""
-    choice = os.environ.get("SFTFUSE_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"SFTFUSE_BACKEND={choice!r}: expected one of {BACKENDS}")
-    return choice
+    return env_choice("SFTFUSE_BACKEND", BACKENDS)
 
 
 def interpreter_active() -> bool:
