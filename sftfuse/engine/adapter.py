@@ -98,13 +98,22 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary output directory
+    tmp = staging_dir(out_dir.parent, f".tmp-{out_dir.name}-")
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory under `parent` (created if missing) to fill and then move into place with `replace_dir`.
+
+    mkdtemp makes it private (0700); what lands there is an ordinary output directory, so it is opened to 0755.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o755)
+    return tmp
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -206,9 +215,7 @@ def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_mode
     model, tok = load_model_and_tokenizer(None if src in (None, DEFAULT_MODEL_ID) else src)
     merge_tensors_into_(model, tensors, config)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
-    os.chmod(tmp, 0o755)
+    tmp = staging_dir(out_dir.parent, f".tmp-{out_dir.name}-")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     replace_dir(tmp, out_dir)

@@ -28,7 +28,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,9 +399,7 @@ class Trainer:
 
         tmp = None
         if self.rank == 0:
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=self.ckpt_root, prefix=f".tmp-step-{self.step:06d}-"))
-            os.chmod(tmp, 0o755)
+            tmp = ad.staging_dir(self.ckpt_root, f".tmp-step-{self.step:06d}-")
         if self.world > 1:
             box = [str(tmp) if tmp else None]
             torch.distributed.broadcast_object_list(box, src=0)
