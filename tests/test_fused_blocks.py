@@ -33,14 +33,14 @@ def _proj(k, n, dtype, nf4=False):
 def _ref(x, projs, keeps, p, act, upcast):
     """Unfused block: three lora_linear_ref with the masks the fused op must have drawn."""
     dt = torch.float64 if upcast else x.dtype
-    outs = []
+
     def lin(i, inp):
         _, W, A, B = projs[i]
         return lora_linear_ref(inp, W, A, B, 2.0, keep=keeps[i], p=p, upcast=upcast)
+
     g, u = lin(0, x), lin(1, x)
     h = (act_fwd(g.to(torch.float64 if upcast else torch.float32), act) * u).to(dt)
-    outs = lin(2, h)
-    return outs
+    return lin(2, h)
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])

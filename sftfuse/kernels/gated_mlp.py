@@ -34,9 +34,3 @@ def act_bwd(grad: torch.Tensor, g: torch.Tensor, act: str) -> torch.Tensor:
         return torch.ops.aten.silu_backward(grad, g)
     return torch.ops.aten.gelu_backward(grad, g, approximate="tanh")
 
-
-def gated_mlp_ref(x, gate, up, down, act: str, *, upcast: bool = False):
-    """The unfused block (the oracle): gate/up/down are callables x -> y (e.g. lora_linear_ref partials)."""
-    if upcast:
-        x = x.double()
-    return down(act_fwd(gate(x), act) * up(x))
