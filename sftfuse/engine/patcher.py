@@ -298,36 +298,44 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     return type(module).__name__ in MLP_CLASSES and all(hasattr(module, n) for n in (*_PROJ, "act_fn"))
 
 
-def _check_mlp(module: nn.Module) -> str | None:
+def _mlp_parts(module: nn.Module) -> tuple[str | None, list]:
+    """(reason to leave the MLP alone or None, `_lora_parts` of gate, up and down): one pass serves both the
+    check and the forward, which runs it on every call (adapters may be switched off after patching)."""
     act = type(module.act_fn).__name__
     if act not in _ACTS:
-        return f"activation {act} is not fused (SiLU and tanh-GELU are)"
-    dtypes = set()
+        return f"activation {act} is not fused (SiLU and tanh-GELU are)", []
+    parts = []
     for name in _PROJ:
         proj = getattr(module, name)
         if _is_peft_lora_linear(proj):
             reason = _check_lora(proj)
             if reason is not None:
-                return f"{name}: {reason}"
+                return f"{name}: {reason}", []
         elif not _is_sftfuse_module(proj, "LoRALinear"):
-            return f"{name} is a {type(proj).__name__}, not a LoRA linear"
-        *_, bias, _, dtype = _lora_parts(proj)
-        if bias is not None:
-            return f"{name} has a bias"
-        dtypes.add(dtype)
+            return f"{name} is a {type(proj).__name__}, not a LoRA linear", []
+        parts.append(_lora_parts(proj))
+        if parts[-1][4] is not None:
+            return f"{name} has a bias", []
+    dtypes = {part[-1] for part in parts}
     if len(dtypes) != 1:
-        return f"projections compute in different dtypes {sorted(map(str, dtypes))}"
-    return None
+        return f"projections compute in different dtypes {sorted(map(str, dtypes))}", []
+    return None, parts
+
+
+def _check_mlp(module: nn.Module) -> str | None:
+    return _mlp_parts(module)[0]
 
 
 def _mlp_forward(module, original, state, x, *args, **kwargs):
     # Without autograd (eval, generate) the fused block saves nothing worth saving: the original runs.
-    if args or kwargs or not torch.is_grad_enabled() or _check_mlp(module) is not None:
+    if args or kwargs or not torch.is_grad_enabled():
+        return original(x, *args, **kwargs)
+    reason, parts = _mlp_parts(module)
+    if reason is not None:
         return original(x, *args, **kwargs)
     from sftfuse.engine import functions
     from sftfuse.kernels.nf4 import NF4Weight
 
-    parts = [_lora_parts(getattr(module, name)) for name in _PROJ]
     dtype = parts[0][-1]
     recompute = state.get("recompute", "auto")
     if recompute == "auto":  # QLoRA (4-bit bases): memory first, recompute gate and up; 16-bit: keep their outputs
