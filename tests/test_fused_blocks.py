@@ -1,4 +1,4 @@
-"""The fused gated LoRA MLP and the RMSNorm: against fp64 references, both recompute modes, what they save.
+"""The fused gated LoRA MLP, the RMSNorm and the fp32 CPU attention: against fp64 references, what they save.
 
 Shapes are odd (tokens 37, hidden 70, intermediate 99, r 8) so no size is a multiple of a block; the LoRA
 launchers inside run on both paths (the Triton one in the interpreter).
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close, randn
 
-from sftfuse.engine.functions import lora_mlp, rms_norm
+from sftfuse.engine.functions import lora_mlp, rms_norm, scaled_dot_product_attention
 from sftfuse.kernels.gated_mlp import act_fwd
 from sftfuse.kernels.lora import dropout_mask, lora_linear_ref, new_seed
 from sftfuse.kernels.rms_norm import rms_norm_ref
@@ -124,3 +124,68 @@ def test_rms_norm_saves_its_input_and_a_row_scale_only():
     big = [t for t in saved if t.numel() == x.numel()]
     assert len(big) == 1 and big[0].dtype == torch.bfloat16  # x itself; HF's module keeps an fp32 copy too
     assert sum(t.numel() for t in saved if t is not big[0] and t.data_ptr() != w.data_ptr()) == 5  # r per row
+
+
+# attention: (batch 2, 6 query heads, 37 tokens, head_dim 24); GQA cases have 3 key/value heads
+_ATTN_CASES = {
+    "causal_gqa": dict(kv_heads=3, is_causal=True, enable_gqa=True),
+    "bool_mask": dict(kv_heads=6, mask="bool"),
+    "float_mask": dict(kv_heads=6, mask="float", scale=0.3),
+}
+
+
+def _attn_inputs(dtype, kv_heads, mask=None, **opts):
+    q = randn(2, 6, 37, 24, dtype=dtype, requires_grad=True)
+    k, v = (randn(2, kv_heads, 37, 24, dtype=dtype, requires_grad=True) for _ in range(2))
+    if mask == "bool":  # padding-like: random holes, the diagonal always kept (no fully masked row)
+        opts["attn_mask"] = (torch.rand(2, 1, 37, 37) > 0.3) | torch.eye(37, dtype=torch.bool)
+    elif mask == "float":  # an additive bias with dtype-min holes, as HF builds them
+        bias = randn(2, 1, 37, 37, scale=0.5)
+        holes = (torch.rand(2, 1, 37, 37) < 0.3) & ~torch.eye(37, dtype=torch.bool)
+        opts["attn_mask"] = bias.masked_fill(holes, torch.finfo(dtype).min).to(dtype)
+    return (q, k, v), opts
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "native"])
+@pytest.mark.parametrize("case", list(_ATTN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_matches_fp64(dtype, case, gemm, monkeypatch):
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", gemm)
+    (q, k, v), opts = _attn_inputs(dtype, **_ATTN_CASES[case])
+    dy = randn(2, 6, 37, 24, dtype=dtype)
+    y = scaled_dot_product_attention(q, k, v, **opts)
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    opts64 = {**opts, "attn_mask": opts["attn_mask"].double()} if case == "float_mask" else opts
+    y64 = torch.nn.functional.scaled_dot_product_attention(*leaves64, **opts64)
+    g64 = torch.autograd.grad(y64, leaves64, dy.double())
+    yt = torch.nn.functional.scaled_dot_product_attention(q, k, v, **opts)  # torch's own, in dtype
+    base = [yt, *torch.autograd.grad(yt, (q, k, v), dy)]
+    if gemm == "native" or dtype == torch.float32:  # nothing to widen: torch's function, unchanged
+        assert all(torch.equal(a, b) for a, b in zip((y, *grads), base, strict=True))
+    for name, ours, ref, b in zip(("y", "dq", "dk", "dv"), (y, *grads), (y64, *g64), base, strict=True):
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        assert_close(ours.detach(), ref.detach(), baseline=b.detach() if dtype != torch.float32 else None, name=name)
+
+
+def test_attention_saves_only_its_16bit_inputs(monkeypatch):
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
+    (q, k, v), opts = _attn_inputs(torch.bfloat16, **_ATTN_CASES["causal_gqa"])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = scaled_dot_product_attention(q, k, v, **opts)
+    assert y.dtype == torch.bfloat16
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (q, k, v))  # no output, no fp32 copy
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, **opts)
+    assert len(saved) > 3  # torch's kernel keeps its output and log-sum-exp as well
+
+
+def test_attention_with_dropout_is_torchs(monkeypatch):
+    """Dropout would draw a second mask in the recomputed forward: that case runs torch's function."""
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
+    (q, k, v), opts = _attn_inputs(torch.bfloat16, **_ATTN_CASES["causal_gqa"])
+    torch.manual_seed(5)
+    y = scaled_dot_product_attention(q, k, v, dropout_p=0.3, **opts)
+    torch.manual_seed(5)
+    assert torch.equal(y, torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, **opts))

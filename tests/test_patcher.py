@@ -57,8 +57,13 @@ def sft_batch(prompt_lens=(8, 13), pad=4, seed=0) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+# sdpa where the family allows it, so the attention swap runs too; Gemma-2's attention softcap needs eager
+ATTN = {f: "eager" if f == "gemma2" else "sdpa" for f in FAMILIES}
+EAGER_SKIP = "attention implementation 'eager': only sdpa's is swapped"
+
+
 def lora_model(family: str, dtype=torch.float32, **lora_kwargs):
-    model = tiny_model(family, dtype=dtype).train()
+    model = tiny_model(family, dtype=dtype, attn=ATTN[family]).train()
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", **lora_kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(1)
@@ -118,8 +123,11 @@ def test_convergence_matches_unpatched(family, mode):
     ref_model = lora_model(family, dtype)
     patched = copy.deepcopy(ref_model)
     report = patch_model(patched, strict=True)
-    assert report.family == family and not report.skipped
-    assert {e.op for e in report.swapped} >= {"linear_cross_entropy", "lora_linear", "lora_mlp", "rms_norm"}
+    assert report.family == family
+    assert [e.reason for e in report.skipped] == [EAGER_SKIP] * 2 * (ATTN[family] == "eager")
+    ops = {"linear_cross_entropy", "lora_linear", "lora_mlp", "rms_norm"}
+    assert {e.op for e in report.swapped} >= ops | ({"scaled_dot_product_attention (fp32 on CPU)"}
+                                                     if ATTN[family] == "sdpa" else set())
     ref_losses, ref_w = train(ref_model, batches)
     losses, w = train(patched, batches)
     if dtype == torch.float32:
@@ -138,6 +146,8 @@ def test_family_table_matches_transformers(family):
     """Every row's attributes and config keys exist on the installed transformers' model of that family."""
     row, model = FAMILIES[family], tiny_model(family)
     assert isinstance(getattr(model, row.decoder), nn.Module)
+    classes = {type(m).__name__ for m in model.modules()}
+    assert {row.attn_class, row.mlp_class, row.norm_class} <= classes
     assert getattr(model, row.lm_head) is model.get_output_embeddings()
     if row.softcap_key:
         assert row.softcap(model.config) == getattr(model.config, row.softcap_key) == 30.0
@@ -174,7 +184,7 @@ def test_single_forward_equals_hf_loss(family):
 def test_patch_unpatch_patch_is_exact_and_local():
     from transformers import LlamaForCausalLM
 
-    class_forward, ce = LlamaForCausalLM.forward, F.cross_entropy
+    class_forward, ce, sdpa = LlamaForCausalLM.forward, F.cross_entropy, F.scaled_dot_product_attention
     model = lora_model("llama")
     b = sft_batch()
     before = model(**b)
@@ -192,8 +202,46 @@ def test_patch_unpatch_patch_is_exact_and_local():
     patch_model(model)
     assert torch.equal(model(**b).loss, first)
     assert LlamaForCausalLM.forward is class_forward and F.cross_entropy is ce  # nothing global was touched
+    assert F.scaled_dot_product_attention is sdpa
     other = tiny_model("llama").train()
     assert "forward" not in other.__dict__ and other(**b).logits is not None
+
+
+def test_attention_swap_trains_as_unpatched_in_bf16(monkeypatch):
+    """bf16, fp32 GEMMs forced (the CPUs where the swap computes in fp32), the attention swap alone: losses and
+    adapters within twice unpatched bf16's distance from fp32 training; the op runs in every attention call that
+    autograd records and in none under no_grad; eager attention is left alone with its reason."""
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
+    ref_model = lora_model("llama", torch.bfloat16)
+    fp32_model, patched = copy.deepcopy(ref_model).float(), copy.deepcopy(ref_model)
+    calls = count_calls(monkeypatch, "scaled_dot_product_attention")
+    report = patch_model(patched, cross_entropy=False, lora=False, mlp=False, rms_norm=False, strict=True)
+    assert [e.op for e in report.swapped] == ["scaled_dot_product_attention (fp32 on CPU)"] * 2
+
+    def grads(model):  # one backward: AdamW's updates hardly see a gradient's scale, the gradients do
+        model(**sft_batch(seed=9)).loss.backward()
+        out = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return out
+
+    ref_g, fp32_g, g = grads(ref_model), grads(fp32_model), grads(patched)
+    assert len(calls) == 2
+    for n in g:  # each tensor on its own scale: q's adapters get small gradients at this init
+        err, base = (g[n] - fp32_g[n]).abs().max(), (ref_g[n] - fp32_g[n]).abs().max()
+        assert err <= 2 * base + 1e-3 * fp32_g[n].abs().max(), n
+    batches = [[sft_batch(seed=s)] for s in range(4)]
+    ref_losses, ref_w = train(ref_model, batches, steps=8)
+    fp32_losses, fp32_w = train(fp32_model, batches, steps=8)
+    assert len(calls) == 2  # nothing but the patched instance goes through it
+    losses, w = train(patched, batches, steps=8)
+    assert len(calls) == 2 + 2 * 8  # two layers, eight steps
+    assert (losses - fp32_losses).abs().max().item() <= 2 * (ref_losses - fp32_losses).abs().max().item() + 1e-2
+    assert max_diff(w, fp32_w) <= 2 * max_diff(ref_w, fp32_w) + 1e-3
+    with torch.no_grad():
+        patched(**sft_batch())
+    assert len(calls) == 2 + 2 * 8
+    eager = patch_model(tiny_model("qwen2"))
+    assert {e.reason for e in eager.skipped if e.kind == "attention"} == {EAGER_SKIP}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -243,7 +291,7 @@ def test_report_flags_and_skips():
     assert any(e.reason == "cross_entropy=False" for e in report.skipped)
     assert model(**sft_batch()).logits is not None
     text = str(report)
-    assert "lora_linear" in text and "cross_entropy=False" in text and len(text.splitlines()) <= 6
+    assert "lora_linear" in text and "cross_entropy=False" in text and len(text.splitlines()) <= 8
     # a flag switched off on a second call undoes that kind of swap
     patch_model(model, lora=False)
     assert not any(is_patched(m) for m in model.modules() if hasattr(m, "lora_A"))

@@ -31,6 +31,8 @@ class Family:
         norm_class: class name of the family's RMSNorm; norm_rule: its output rule ("weight": w * dtype(x_hat),
             Llama's; "one_plus": dtype(x_hat * (1 + w)), Gemma-2's). See `sftfuse.kernels.rms_norm`.
         mlp_class: class name of the family's gated MLP, down(act(gate(x)) * up(x)), or None.
+        attn_class: class name of the family's attention module (its forward calls the attention function that
+            `config._attn_implementation` selects), or None.
     """
 
     model_type: str
@@ -42,6 +44,7 @@ class Family:
     norm_class: str | None = None
     norm_rule: str = "weight"
     mlp_class: str | None = None
+    attn_class: str | None = None
 
     def softcap(self, config) -> float | None:
         """The final-logit softcap of `config`, or None when the family has none or it is switched off."""
@@ -60,12 +63,12 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", norm_class="LlamaRMSNorm", mlp_class="LlamaMLP"),
-        Family("mistral", norm_class="MistralRMSNorm", mlp_class="MistralMLP"),
-        Family("qwen2", norm_class="Qwen2RMSNorm", mlp_class="Qwen2MLP"),
-        Family("qwen3", norm_class="Qwen3RMSNorm", mlp_class="Qwen3MLP"),
+        Family("llama", norm_class="LlamaRMSNorm", mlp_class="LlamaMLP", attn_class="LlamaAttention"),
+        Family("mistral", norm_class="MistralRMSNorm", mlp_class="MistralMLP", attn_class="MistralAttention"),
+        Family("qwen2", norm_class="Qwen2RMSNorm", mlp_class="Qwen2MLP", attn_class="Qwen2Attention"),
+        Family("qwen3", norm_class="Qwen3RMSNorm", mlp_class="Qwen3MLP", attn_class="Qwen3Attention"),
         Family("gemma2", softcap_key="final_logit_softcapping", norm_class="Gemma2RMSNorm", norm_rule="one_plus",
-               mlp_class="Gemma2MLP"),
+               mlp_class="Gemma2MLP", attn_class="Gemma2Attention"),
     )
 }
 
@@ -76,6 +79,8 @@ def family_of(model) -> Family | None:
     return FAMILIES.get(getattr(config, "model_type", None))
 
 
-# Class name -> rule, and the gated-MLP class names, over every family: the patcher matches these modules by class.
+# Class name -> rule, and the gated-MLP and attention class names, over every family: the patcher matches these
+# modules by class.
 NORM_RULES: dict[str, str] = {f.norm_class: f.norm_rule for f in FAMILIES.values() if f.norm_class}
 MLP_CLASSES: frozenset[str] = frozenset(f.mlp_class for f in FAMILIES.values() if f.mlp_class)
+ATTN_CLASSES: frozenset[str] = frozenset(f.attn_class for f in FAMILIES.values() if f.attn_class)

@@ -56,12 +56,14 @@ def tiny_config(family: str, *, vocab_size: int = 1031, hidden_size: int = 64, n
     return cfg
 
 
-def tiny_model(family: str = "llama", *, dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides):
-    """A freshly initialised tiny `*ForCausalLM` of `family`, in eval mode, with eager attention."""
+def tiny_model(family: str = "llama", *, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "eager",
+               **config_overrides):
+    """A freshly initialised tiny `*ForCausalLM` of `family`, in eval mode, with `attn` attention ("eager" or
+    "sdpa"; Gemma-2's attention softcap needs eager)."""
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(family, **config_overrides)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -32,7 +32,14 @@ The swaps:
   (`patch_model(mlp="recompute" | "save")` forces either). SiLU and tanh-GELU activations.
 - rms_norm: a family's RMSNorm runs as `rms_norm`, HF's numerics (Llama's or Gemma-2's rule, from the table),
   saving its 16-bit input and one fp32 scale per row instead of fp32 copies of the activations.
-The mlp and rms_norm swaps only act while autograd records; in no_grad (eval, `generate()`) the original runs.
+- attention: a family's attention module whose `config._attn_implementation` is "sdpa" runs its own forward
+  with torch's `scaled_dot_product_attention` answered by `sftfuse.engine.functions.scaled_dot_product_attention`
+  (fp32 on CPUs where fp32 GEMMs are faster, the 16-bit inputs saved, recomputed in the backward). The answer
+  comes from a `TorchFunctionMode` entered around that module's call only, on CPU inputs: no function is
+  replaced anywhere, so other modules, models and threads see torch's own. Eager and flash implementations are
+  left alone (they do not call it; Gemma-2's attention softcap needs eager).
+The mlp, rms_norm and attention swaps only act while autograd records; in no_grad (eval, `generate()`) the
+original runs.
 sftfuse's own `NF4Linear` and `LoRALinear` already run the fused ops and are listed as native.
 """
 
@@ -45,8 +52,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from sftfuse.engine.families import FAMILIES, MLP_CLASSES, NORM_RULES, Family, family_of
+from sftfuse.engine.families import ATTN_CLASSES, FAMILIES, MLP_CLASSES, NORM_RULES, Family, family_of
 
 _RECORD = "_sftfuse_forward"  # instance attribute: the _Forward we installed (present while patched)
 
@@ -371,6 +379,37 @@ def _norm_forward(module, original, state, x, *args, **kwargs):
     return functions.rms_norm(x, module.weight, _norm_eps(module), NORM_RULES[type(module).__name__])
 
 
+class _WideSdpa(TorchFunctionMode):
+    """Answers torch's scaled_dot_product_attention with sftfuse's inside one module's call; passes the rest."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            from sftfuse.engine import functions
+
+            return functions.scaled_dot_product_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return type(module).__name__ in ATTN_CLASSES
+
+
+def _check_attention(module: nn.Module) -> str | None:
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention implementation {impl!r}: only sdpa's is swapped"
+    return None
+
+
+def _attention_forward(module, original, state, *args, **kwargs):
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_grad_enabled() or not isinstance(hidden, torch.Tensor) or hidden.device.type != "cpu":
+        return original(*args, **kwargs)
+    with _WideSdpa():
+        return original(*args, **kwargs)
+
+
 # =============================================================================================================
 # the table, the walk, the report
 # =============================================================================================================
@@ -389,6 +428,8 @@ _SWAPS = (
     _Swap("cross_entropy", _is_causal_lm, _check_loss, _causal_lm_forward, "linear_cross_entropy"),
     _Swap("mlp", _is_gated_mlp, lambda m, strict: _check_mlp(m), _mlp_forward, "lora_mlp"),
     _Swap("rms_norm", _is_rms_norm, lambda m, strict: _check_norm(m), _norm_forward, "rms_norm"),
+    _Swap("attention", _is_attention, lambda m, strict: _check_attention(m), _attention_forward,
+          "scaled_dot_product_attention (fp32 on CPU)"),
     _Swap("lora", _is_peft_lora_linear, lambda m, strict: _check_lora(m), _lora_forward, "lora_linear"),
     _Swap("lora", lambda m: _is_sftfuse_module(m, "LoRALinear"), lambda m, s: None, None, "lora_linear (native)"),
     _Swap("nf4", _is_bnb_4bit, lambda m, strict: _check_nf4(m), _nf4_forward, "nf4_matmul"),
@@ -437,7 +478,8 @@ class PatchReport:
 
 
 def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = True, nf4: bool = True,
-                mlp: bool | str = True, rms_norm: bool = True, strict: bool = False) -> PatchReport:
+                mlp: bool | str = True, rms_norm: bool = True, attention: bool = True,
+                strict: bool = False) -> PatchReport:
     """Swap sftfuse's fused ops into `model` (this instance only) and report what was swapped.
 
     Args:
@@ -454,6 +496,8 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
             leaves the MLPs alone. Only while autograd records.
         rms_norm: run a family's RMSNorm as `rms_norm` (same numerics; saves the 16-bit input, not fp32 copies).
             Only while autograd records.
+        attention: answer torch's scaled_dot_product_attention inside a family's sdpa attention modules with
+            sftfuse's (fp32 on CPUs where that is faster; see the module docstring). Only while autograd records.
         strict: raise ValueError (naming the supported families) when the model's family has no table row,
             instead of patching only the generic parts.
 
@@ -464,7 +508,8 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if mlp not in (True, False, "auto", "recompute", "save"):
         raise ValueError(f"mlp: expected True, False, 'auto', 'recompute' or 'save', got {mlp!r}")
-    enabled = {"cross_entropy": cross_entropy, "lora": lora, "nf4": nf4, "mlp": bool(mlp), "rms_norm": rms_norm}
+    enabled = {"cross_entropy": cross_entropy, "lora": lora, "nf4": nf4, "mlp": bool(mlp), "rms_norm": rms_norm,
+               "attention": attention}
     report = PatchReport()
     for name, module in model.named_modules():
         swap = next((s for s in _SWAPS if s.match(module)), None)
