@@ -16,14 +16,14 @@ such buffers (logits, log-softmax, their gradient): 1.5 GB. At 16k tokens x 128,
 8.4 GB. Here only the fp32 weight gradient (V x H, the output itself) and one chunk are held.
 
 Two paths, one algorithm:
-- PyTorch (CPU, and the specification): counted rows in chunks of 256, gathered one chunk at a time; each
-  chunk's logits formed one (rows x vocab-tile) tile at a time in one reused fp32 buffer, the tiles sized by a
-  1.75 MiB budget (`_config`). A first pass keeps an online log-sum-exp; a second recomputes each tile, turns it
-  into its logit gradient in place and accumulates dh (per chunk, written into the (N, H) gradient), dW and db
-  (fp32) from it, so the backward only scales them by grad_output. A head small enough for one tile is computed
-  once. The cost of tiling is one extra logits GEMM (8 n H V FLOPs instead of 6), the price of holding only the
-  outputs: at the SmolLM2 head, 2048 tokens, fp32, peak memory is 0.0995x eager's and time 0.59x (bench/).
-  GEMMs run in the weight's dtype, or in fp32 where that is faster on this CPU (`sftfuse.kernels._cpu`).
+- PyTorch (CPU, and the specification): counted rows in chunks of 256, gathered one chunk at a time; each chunk's
+  logits formed one (rows x vocab-tile) tile at a time in one reused fp32 buffer, the tiles sized by a 1.75 MiB budget
+  (`_config`; a cast bf16 weight slice comes on top). A first pass keeps an online log-sum-exp; a second recomputes
+  each tile, turns it into its logit gradient in place and accumulates dh (per chunk, written into the (N, H)
+  gradient), dW and db (fp32) from it, so the backward only scales them by grad_output. A head small enough for one
+  tile is computed once. The cost of tiling is one extra logits GEMM (8 n H V FLOPs instead of 6), the price of
+  holding only the outputs: at the SmolLM2 head, 2048 tokens, fp32, peak memory is 0.0995x eager's and time 0.59x
+  (bench/). GEMMs run in the weight's dtype, or in fp32 where that is faster on this CPU (`sftfuse.kernels._cpu`).
 - Triton (CUDA): the forward kernel fuses the matmul with an online log-sum-exp over vocabulary tiles; logit
   tiles live in registers only (loss memory is O(tokens)). The backward kernel recomputes each (rows x vocab) tile
   once and emits both gradients from it with fp32 atomic adds (dh over vocab tiles, dW over row tiles): one
@@ -55,7 +55,7 @@ from sftfuse.kernels._registry import (
 # tile (+ a copy for softcap, + the GEMM-dtype tile) and the row chunk's hidden rows and gradient. The SmolLM2
 # head's outputs (fp32 dW 113 MB, dh 4.7 MB at 2048 tokens) are 0.098x of eager's 1.2 GB peak; the buffers add
 # 1.5% of that. Measured on 2 cores: 256 x 640 tiles ran as fast as 256 x 896, 10% faster than 128 x 896.
-_TORCH_BUDGET = 7 << 18  # 1.75 MiB
+_TORCH_BUDGET = 7 << 18  # 1.75 MiB (a cast weight slice comes on top: `_config`)
 _ROWS = 256  # rows per chunk when the vocabulary must be tiled: K of the weight-gradient GEMM
 
 
@@ -95,8 +95,11 @@ def _config(V: int, H: int, *, n: int, gemm_bytes: int, weight_cast: bool, softc
     """(rows, vocab tile) of the PyTorch path, so that its working buffers fit `budget` bytes.
 
     Per tile element: 4 (fp32 logits) + 4 with softcap + gemm_bytes when the GEMM dtype is not fp32; per row
-    2 x 4 H (the chunk's hidden rows and its gradient); per vocabulary column 4 H when weight slices are cast
-    for the GEMM. The whole vocabulary in one tile (one logits GEMM, no recompute) when >= _ROWS rows fit.
+    2 x 4 H (the chunk's hidden rows and its gradient). The whole vocabulary in one tile (one logits GEMM, no
+    recompute) when >= _ROWS rows fit, the weight's cast included. When weight slices are cast for the GEMM
+    (a bf16 head with fp32 GEMMs), the cast slice, cols x 4 H bytes, comes on top of the budget: counted in
+    it, the SmolLM2 head's tile shrank from 640 to 192 columns and the loss + gradient took 448 ms instead of
+    370 (508 rows, 2 cores), for 1.5 MB.
     """
     per = 4 + (4 if softcap else 0) + (0 if gemm_bytes == 4 else gemm_bytes)
     rows = max(1, min(n, _ROWS))
@@ -104,7 +107,7 @@ def _config(V: int, H: int, *, n: int, gemm_bytes: int, weight_cast: bool, softc
     whole = (budget - (4 * H * V if weight_cast else 0)) // (per * V + row_bytes)
     if whole >= min(n, _ROWS):
         return max(1, min(n, whole, 4096)), V
-    cols = (budget - rows * row_bytes) // (rows * per + (4 * H if weight_cast else 0))
+    cols = (budget - rows * row_bytes) // (rows * per)
     return rows, max(64, cols // 64 * 64)
 
 
