@@ -147,7 +147,7 @@ def worker(config: str, steps: int) -> dict:
 
 # Timed steps per configuration (after one warm-up step) and torch threads (0: torch's default). On a machine that
 # other jobs load, BENCH_THREADS=1 avoids OpenMP oversubscription, which slows a step several-fold.
-STEPS = int(os.environ.get("BENCH_STEPS", "3"))
+STEPS = int(os.environ.get("BENCH_STEPS", "5"))
 THREADS = int(os.environ.get("BENCH_THREADS", "0"))
 
 
@@ -190,4 +190,4 @@ if __name__ == "__main__":
         import torch
 
         torch.set_num_threads(int(sys.argv[3]))
-    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
+    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else STEPS)))
