@@ -11,10 +11,17 @@ Each configuration runs in its own process (`python bench/test_end_to_end.py CON
 and peak never leak into another's. FLOPs of a LoRA step: about 4 x params x tokens (forward, and backward to
 the inputs; frozen weights get no gradient): 4 x 135e6 x 1024 = 0.55 TFLOP, reported as GFLOP/s.
 
-Memory: `model_rss` is the RSS once the model is loaded and prepared (quantized, adapters added); the step's peak
-is measured after the timed steps, in one more step with glibc returning every block of 64 KiB or more on free
-(the high-water mark reset through /proc/self/clear_refs just before). `peak_above_model` = that peak - model_rss
-(activations, gradients, optimizer state, workspace); `peak_total` = the peak itself.
+Memory is measured in a second fresh process per configuration, in which glibc returns every block of 64 KiB or
+more to the OS on free from the start (`mallopt(M_MMAP_THRESHOLD)` before torch is imported), so the peak is what
+the step holds live, not what the heap kept of earlier steps. `model_rss` is the RSS once the model is loaded and
+prepared (quantized, adapters added); after one warm-up step (which allocates the optimizer state) the high-water
+mark is reset through /proc/self/clear_refs and one more step is run. `peak_above_model` = that step's peak -
+model_rss (activations, gradients, optimizer state, workspace); `peak_total` = the peak itself.
+Why a separate process: switched on after the timed steps in the timing process, as this file first did, the
+threshold did not apply to the free chunks the earlier steps had left in the heap, and large blocks were served
+from them and kept resident after their free. The peak then depended on that history: the same code measured
+(d) at 1,090-1,099 MB total and (a) at 2,696-2,739 MB in three runs each; measured this way, at 860-861 and
+2,506-2,507 MB in two runs each.
 """
 
 from __future__ import annotations
@@ -105,8 +112,12 @@ def _build(config: str):
     return model.train(), report
 
 
-def worker(config: str, steps: int) -> dict:
-    """Run one configuration in this process; returns its measurements."""
+def worker(config: str, steps: int, mode: str = "time") -> dict:
+    """Run one configuration in this process; returns its measurements.
+
+    mode "time": one warm-up step, then `steps` timed ones (median reported). mode "memory": one warm-up step,
+    then the peak RSS of one more (the caller has set the mmap threshold before importing torch).
+    """
     import torch
 
     libc = ctypes.CDLL("libc.so.6")
@@ -125,24 +136,25 @@ def worker(config: str, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    losses, times = [step()], []  # the first step allocates the optimizer state: warm-up
+    losses = [step()]  # the first step allocates the optimizer state: warm-up
+    row = {"config": config, "what": CONFIGS[config], "model_rss_mb": model_rss / 2**20, "loss_first": losses[0],
+           "threads": torch.get_num_threads(), "patch_report": report}
+    if mode == "memory":
+        gc.collect()
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        step()
+        peak = _status("VmHWM:")
+        return {**row, "peak_above_model_mb": (peak - model_rss) / 2**20, "peak_total_mb": peak / 2**20}
+    times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks go back to the OS on free
-    gc.collect()
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    losses.append(step())
-    peak = _status("VmHWM:")
     s = statistics.median(times)
-    return {"config": config, "what": CONFIGS[config], "s_per_step": s, "tokens_per_s": TOKENS / s,
-            "gflops": STEP_FLOP / s / 1e9, "model_rss_mb": model_rss / 2**20,
-            "peak_above_model_mb": (peak - model_rss) / 2**20, "peak_total_mb": peak / 2**20,
-            "loss_first": losses[0], "loss_last": losses[-1], "steps_timed": steps, "threads": torch.get_num_threads(),
-            "patch_report": report}
+    return {**row, "s_per_step": s, "tokens_per_s": TOKENS / s, "gflops": STEP_FLOP / s / 1e9,
+            "loss_last": losses[-1], "steps_timed": steps}
 
 
 # Timed steps per configuration (after one warm-up step) and torch threads (0: torch's default). On a machine that
@@ -151,20 +163,34 @@ STEPS = int(os.environ.get("BENCH_STEPS", "5"))
 THREADS = int(os.environ.get("BENCH_THREADS", "0"))
 
 
-def run_config(config: str, steps: int = STEPS, timeout: int = 900) -> dict:
-    """Run `config` in a fresh interpreter; returns its row, or {"error": ...} when it cannot run here."""
+def _run(config: str, steps: int, mode: str, timeout: int) -> dict:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     try:
-        proc = subprocess.run([sys.executable, __file__, config, str(steps), str(THREADS)], cwd=root, env=env,
+        proc = subprocess.run([sys.executable, __file__, config, str(steps), str(THREADS), mode], cwd=root, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"config": config, "what": CONFIGS[config], "error": f"timed out after {timeout} s"}
+        return {"config": config, "what": CONFIGS[config], "error": f"{mode}: timed out after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"config": config, "what": CONFIGS[config], "error": " | ".join(tail)[-300:]}
+        return {"config": config, "what": CONFIGS[config], "error": f"{mode}: " + " | ".join(tail)[-300:]}
     return json.loads(lines[-1])
+
+
+def run_config(config: str, steps: int = STEPS, timeout: int = 900) -> dict:
+    """Time `config` in one fresh interpreter and measure its memory in another; returns its row, or
+    {"error": ...} when it cannot run here."""
+    timed = _run(config, steps, "time", timeout)
+    if "error" in timed:
+        return timed
+    memory = _run(config, steps, "memory", timeout)
+    if "error" in memory:
+        return memory
+    order = ("config", "what", "s_per_step", "tokens_per_s", "gflops", "model_rss_mb", "peak_above_model_mb",
+             "peak_total_mb", "loss_first", "loss_last", "steps_timed", "threads", "patch_report")
+    merged = {**timed, **{k: memory[k] for k in ("model_rss_mb", "peak_above_model_mb", "peak_total_mb")}}
+    return {k: merged[k] for k in order}
 
 
 _ROWS: dict[str, dict] = {}
@@ -186,8 +212,11 @@ def test_end_to_end(config, benchmark, bench_record):
 
 
 if __name__ == "__main__":
+    _mode = sys.argv[4] if len(sys.argv) > 4 else "time"
+    if _mode == "memory":  # before torch allocates anything: blocks of 64 KiB or more go back to the OS on free
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     if len(sys.argv) > 3 and int(sys.argv[3]) > 0:
         import torch
 
         torch.set_num_threads(int(sys.argv[3]))
-    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else STEPS)))
+    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else STEPS, _mode)))
