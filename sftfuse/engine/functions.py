@@ -274,6 +274,16 @@ def nf4_matmul(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
 # =============================================================================================================
 
 
+def _adapter_dtype(x: torch.Tensor, base) -> torch.dtype:
+    """The dtype LoRA adapters compute in: x's, or on the PyTorch path the GEMM dtype it picks for a dense base
+    (fp32 on CPUs where fp32 GEMMs are faster), so fp32 adapters are neither rounded to x's dtype nor copied."""
+    if use_triton(x):
+        return x.dtype
+    from sftfuse.kernels.lora import _gemm_dtype
+
+    return _gemm_dtype(x, base)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * (dropout(x) A^T) B^T; saves x, t = dropout(x) A^T and the dropout seed only."""
 
@@ -283,7 +293,8 @@ class LoRALinearFunction(torch.autograd.Function):
         from sftfuse.kernels.lora import lora_linear_fwd
 
         x2 = x.reshape(-1, x.shape[-1])  # a view when x is contiguous: shares storage with the caller's x
-        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # adapters kept in another dtype compute in x's
+        cd = _adapter_dtype(x, base)
+        A, B = lora_A.to(cd), lora_B.to(cd)  # adapters kept in another dtype compute in x's (or the GEMM's)
         b = bias.to(x.dtype) if bias is not None else None
         y, t = lora_linear_fwd(x2, base, A, B, scaling, bias=b, seed=seed, p=p)
         dense = isinstance(base, torch.Tensor)
@@ -316,7 +327,8 @@ def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, tra
         x: (..., in). base: (out, in) tensor, or an `NF4Weight` of shape (out, in). x is cast to a dense base's
             dtype when they differ (fp32 activations under autocast over a bf16 base), as autocast casts for F.linear;
             its gradient comes back in x's own dtype.
-        lora_A: (r, in). lora_B: (out, r). Any float dtype; they compute in x's dtype, grads come back in theirs.
+        lora_A: (r, in). lora_B: (out, r). Any float dtype; they compute in x's dtype (as they are where the
+            PyTorch path runs a dense base's GEMMs in fp32), grads come back in theirs.
         scaling: alpha / r (or alpha / sqrt(r), rsLoRA).
         bias: (out,) or None (frozen unless it requires grad). dropout: probability on the adapter's input.
         training: dropout applies only when True.
@@ -377,9 +389,9 @@ class _LoRAMLPFunction(torch.autograd.Function):
         from sftfuse.kernels.lora import lora_linear_fwd
 
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        dt = x2.dtype
-        ab = [w.to(dt) for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]  # adapters compute in x's dtype
         pg, pu, pd = parts
+        cd = _adapter_dtype(x2, pg.base)  # x's dtype, or the GEMM's (as in LoRALinearFunction)
+        ab = [w.to(cd) for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
         g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
         u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
         h = act_fwd(g, act).mul_(u)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)

@@ -19,11 +19,11 @@ The swaps:
   mode, without labels, with `logits_to_keep`, `return_dict=False` or TRL's `fused_lm_head`, the original
   forward runs unchanged, so evaluation and `generate()` are as before.
 - lora: a PEFT LoRA `Linear` (over `nn.Linear`, bitsandbytes NF4 `Linear4bit` or sftfuse `NF4Linear`) computes
-  `lora_linear(x, base, A, B, scaling, bias=, dropout=)` on the same parameters, in the base's compute dtype
-  (PEFT upcasts activations to its fp32 adapters; lora_linear casts the adapters down and returns their
-  gradients in fp32). What else PEFT does (several active adapters, DoRA and other variants, `lora_bias`, merged
-  weights, `adapter_names`, disabled adapters) is left to PEFT: refused at patch time with a reason, or handed to
-  the original forward when switched on after patching.
+  `lora_linear(x, base, A, B, scaling, bias=, dropout=)` on the same parameters, in the base's compute dtype (PEFT
+  upcasts activations to its fp32 adapters; lora_linear casts the adapters down, unless its GEMMs run in fp32
+  anyway, and returns their gradients in fp32). What else PEFT does (several active adapters, DoRA and other
+  variants, `lora_bias`, merged weights, `adapter_names`, disabled adapters) is left to PEFT: refused at patch time
+  with a reason, or handed to the original forward when switched on after patching.
 - nf4: a bitsandbytes NF4 `Linear4bit` computes `nf4_matmul` on a zero-copy `NF4Weight` view of its quant state.
 - mlp: a family's gated MLP (class named in the family table) whose gate, up and down projections are all LoRA
   linears (PEFT's, passing the lora checks, or sftfuse's; no bias) runs as one `lora_mlp`, which autograd would
