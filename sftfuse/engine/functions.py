@@ -298,7 +298,8 @@ class LoRALinearFunction(torch.autograd.Function):
         b = bias.to(x.dtype) if bias is not None else None
         y, t = lora_linear_fwd(x2, base, A, B, scaling, bias=b, seed=seed, p=p)
         dense = isinstance(base, torch.Tensor)
-        ctx.save_for_backward(x2, t, A, B, base if dense else None)
+        ctx.save_for_backward(x2, t, lora_A, lora_B, base if dense else None)  # the adapters, not their casts
+        ctx.cd = cd
         ctx.nf4 = None if dense else base
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
         ctx.dtypes = (lora_A.dtype, lora_B.dtype, bias.dtype if bias is not None else None)
@@ -310,6 +311,7 @@ class LoRALinearFunction(torch.autograd.Function):
         from sftfuse.kernels.lora import lora_linear_bwd
 
         x2, t, A, B, W = ctx.saved_tensors
+        A, B = A.to(ctx.cd), B.to(ctx.cd)
         base = W if W is not None else ctx.nf4
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         dx, dA, dB = lora_linear_bwd(dy2, x2, t, base, A, B, ctx.scaling, seed=ctx.seed, p=ctx.p,
@@ -397,7 +399,8 @@ class _LoRAMLPFunction(torch.autograd.Function):
         h = act_fwd(g, act).mul_(u)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)
         y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
         kept = (None, None) if recompute else (g, u)
-        ctx.save_for_backward(x2, tg, tu, td, *kept, *ab)
+        ctx.save_for_backward(x2, tg, tu, td, *kept, gate_A, gate_B, up_A, up_B, down_A, down_B)  # not the casts
+        ctx.cd = cd
         ctx.parts, ctx.act, ctx.x_shape = parts, act, x.shape
         ctx.dtypes = [w.dtype for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -409,6 +412,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         from sftfuse.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
         x2, tg, tu, td, g, u, *ab = ctx.saved_tensors
+        ab = [w.to(ctx.cd) for w in ab]
         pg, pu, pd = ctx.parts
         dt = x2.dtype
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt).contiguous()
