@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close, randn
 
-from sftfuse.engine.functions import lora_mlp, rms_norm, scaled_dot_product_attention
+from sftfuse.engine.blocks import lora_mlp, rms_norm, scaled_dot_product_attention
 from sftfuse.kernels.gated_mlp import act_fwd
 from sftfuse.kernels.lora import dropout_mask, lora_linear_ref, new_seed
 from sftfuse.kernels.rms_norm import rms_norm_ref

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sftfuse.engine import functions
+from sftfuse.engine import blocks, functions
 from sftfuse.engine.families import FAMILIES
 from sftfuse.engine.models import tiny_model
 from sftfuse.engine.patcher import PatchReport, is_patched, patch_model, unpatch_model
@@ -91,15 +91,15 @@ def train(model, batches: list[list[dict]], steps=STEPS):
     return torch.tensor(losses, dtype=torch.float64), adapters
 
 
-def count_calls(monkeypatch, name: str) -> list:
-    """Count calls of `functions.<name>` (proves a test went through the fused path)."""
-    calls, fn = [], getattr(functions, name)
+def count_calls(monkeypatch, name: str, module=functions) -> list:
+    """Count calls of `module.<name>` (proves a test went through the fused path)."""
+    calls, fn = [], getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("num_items_in_batch"))
         return fn(*args, **kwargs)
 
-    monkeypatch.setattr(functions, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -214,7 +214,7 @@ def test_attention_swap_trains_as_unpatched_in_bf16(monkeypatch):
     monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
     ref_model = lora_model("llama", torch.bfloat16)
     fp32_model, patched = copy.deepcopy(ref_model).float(), copy.deepcopy(ref_model)
-    calls = count_calls(monkeypatch, "scaled_dot_product_attention")
+    calls = count_calls(monkeypatch, "scaled_dot_product_attention", blocks)
     report = patch_model(patched, cross_entropy=False, lora=False, mlp=False, rms_norm=False, strict=True)
     assert [e.op for e in report.swapped] == ["scaled_dot_product_attention (fp32 on CPU)"] * 2
 
@@ -262,16 +262,14 @@ def test_generate_unchanged(family):
 def test_mlp_modes_match_unpatched_and_stay_out_of_no_grad(mlp, monkeypatch):
     """Each MLP mode trains as the unpatched model (fp32); under no_grad the original forward runs. (Dropout masks
     through the recomputed forward: tests/test_fused_blocks.py.)"""
-    from sftfuse.engine import functions
-
     ref_model = lora_model("qwen3")
     patched = copy.deepcopy(ref_model)
     report = patch_model(patched, mlp=mlp, strict=True)
     assert ("lora_mlp" in {e.op for e in report.swapped}) == bool(mlp)
     batches = [[sft_batch(seed=s)] for s in range(2)]
     calls = []
-    real = functions.lora_mlp
-    monkeypatch.setattr(functions, "lora_mlp", lambda *a, **k: calls.append(k["recompute"]) or real(*a, **k))
+    real = blocks.lora_mlp
+    monkeypatch.setattr(blocks, "lora_mlp", lambda *a, **k: calls.append(k["recompute"]) or real(*a, **k))
     ref_losses, ref_w = train(ref_model, batches, steps=2)
     losses, w = train(patched, batches, steps=2)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)

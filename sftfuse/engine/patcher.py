@@ -33,7 +33,7 @@ The swaps:
 - rms_norm: a family's RMSNorm runs as `rms_norm`, HF's numerics (Llama's or Gemma-2's rule, from the table),
   saving its 16-bit input and one fp32 scale per row instead of fp32 copies of the activations.
 - attention: a family's attention module whose `config._attn_implementation` is "sdpa" runs its own forward
-  with torch's `scaled_dot_product_attention` answered by `sftfuse.engine.functions.scaled_dot_product_attention`
+  with torch's `scaled_dot_product_attention` answered by `sftfuse.engine.blocks.scaled_dot_product_attention`
   (fp32 on CPUs where fp32 GEMMs are faster, the 16-bit inputs saved, recomputed in the backward). The answer
   comes from a `TorchFunctionMode` entered around that module's call only, on CPU inputs: no function is
   replaced anywhere, so other modules, models and threads see torch's own. Eager and flash implementations are
@@ -341,7 +341,7 @@ def _mlp_forward(module, original, state, x, *args, **kwargs):
     reason, parts = _mlp_parts(module)
     if reason is not None:
         return original(x, *args, **kwargs)
-    from sftfuse.engine import functions
+    from sftfuse.engine import blocks
     from sftfuse.kernels.nf4 import NF4Weight
 
     dtype = parts[0][-1]
@@ -349,8 +349,8 @@ def _mlp_forward(module, original, state, x, *args, **kwargs):
     if recompute == "auto":  # QLoRA (4-bit bases): memory first, recompute gate and up; 16-bit: keep their outputs
         recompute = all(isinstance(w, NF4Weight) for w, *_ in parts)
     gate, up, down = ((w, A, B, s, p) for w, A, B, s, _, p, _ in parts)
-    y = functions.lora_mlp(x.to(dtype), gate, up, down, act=_ACTS[type(module.act_fn).__name__],
-                           training=module.training, recompute=recompute)
+    y = blocks.lora_mlp(x.to(dtype), gate, up, down, act=_ACTS[type(module.act_fn).__name__],
+                        training=module.training, recompute=recompute)
     return y.to(x.dtype)
 
 
@@ -374,9 +374,9 @@ def _check_norm(module: nn.Module) -> str | None:
 def _norm_forward(module, original, state, x, *args, **kwargs):
     if args or kwargs or not torch.is_grad_enabled() or x.shape[-1:] != module.weight.shape:
         return original(x, *args, **kwargs)
-    from sftfuse.engine import functions
+    from sftfuse.engine import blocks
 
-    return functions.rms_norm(x, module.weight, _norm_eps(module), NORM_RULES[type(module).__name__])
+    return blocks.rms_norm(x, module.weight, _norm_eps(module), NORM_RULES[type(module).__name__])
 
 
 class _WideSdpa(TorchFunctionMode):
@@ -385,9 +385,9 @@ class _WideSdpa(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            from sftfuse.engine import functions
+            from sftfuse.engine import blocks
 
-            return functions.scaled_dot_product_attention(*args, **kwargs)
+            return blocks.scaled_dot_product_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
 
