@@ -253,7 +253,7 @@ class Swap:
     op: str
 
 
-# First match wins: a block (MLP, norm, attention) before the linears it holds.
+# Tried in order; the first row whose match accepts a module decides for it (these matchers do not overlap).
 SWAPS = (
     Swap("mlp", _is_gated_mlp, lambda m, strict: _check_mlp(m), _mlp_forward, "lora_mlp"),
     Swap("rms_norm", _is_rms_norm, lambda m, strict: _check_norm(m), _norm_forward, "rms_norm"),
