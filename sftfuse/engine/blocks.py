@@ -47,7 +47,6 @@ class _LoRAMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, tg, tu, td, *kept, gate_A, gate_B, up_A, up_B, down_A, down_B)  # not the casts
         ctx.cd = cd
         ctx.parts, ctx.act, ctx.x_shape = parts, act, x.shape
-        ctx.dtypes = [w.dtype for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -56,8 +55,8 @@ class _LoRAMLPFunction(torch.autograd.Function):
         from sftfuse.kernels.gated_mlp import act_bwd, act_fwd
         from sftfuse.kernels.lora import lora_linear_bwd, lora_linear_fwd
 
-        x2, tg, tu, td, g, u, *ab = ctx.saved_tensors
-        ab = [w.to(ctx.cd) for w in ab]
+        x2, tg, tu, td, g, u, *adapters = ctx.saved_tensors
+        ab = [w.to(ctx.cd) for w in adapters]
         pg, pu, pd = ctx.parts
         dt = x2.dtype
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt).contiguous()
@@ -80,7 +79,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         dxu, dA_u, dB_u = lora_linear_bwd(du, x2, tu, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p,
                                           need_dx=need_dx)
         dx = dxg.add_(dxu).reshape(ctx.x_shape) if need_dx else None
-        grads = [t.to(d) for t, d in zip((dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), ctx.dtypes, strict=True)]
+        grads = [t.to(w.dtype) for t, w in zip((dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), adapters, strict=True)]
         return dx, *grads, None, None, None
 
 
@@ -169,9 +168,8 @@ class _WideAttentionFunction(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def forward(ctx, query, key, value, attn_mask, opts: dict):
-        wide = [t.float() for t in (query, key, value)]
-        with torch.no_grad():
-            out = torch.nn.functional.scaled_dot_product_attention(*wide, attn_mask=attn_mask, **opts)
+        wide = [t.float() for t in (query, key, value)]  # a Function's forward records no graph: nothing kept
+        out = torch.nn.functional.scaled_dot_product_attention(*wide, attn_mask=attn_mask, **opts)
         ctx.save_for_backward(query, key, value, attn_mask)
         ctx.opts = opts
         return out.to(query.dtype)

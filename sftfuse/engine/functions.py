@@ -302,7 +302,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.cd = cd
         ctx.nf4 = None if dense else base
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
-        ctx.dtypes = (lora_A.dtype, lora_B.dtype, bias.dtype if bias is not None else None)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -310,16 +310,15 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         from sftfuse.kernels.lora import lora_linear_bwd
 
-        x2, t, A, B, W = ctx.saved_tensors
-        A, B = A.to(ctx.cd), B.to(ctx.cd)
+        x2, t, lora_A, lora_B, W = ctx.saved_tensors
+        A, B = lora_A.to(ctx.cd), lora_B.to(ctx.cd)
         base = W if W is not None else ctx.nf4
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         dx, dA, dB = lora_linear_bwd(dy2, x2, t, base, A, B, ctx.scaling, seed=ctx.seed, p=ctx.p,
                                      need_dx=ctx.needs_input_grad[0])
-        a_dtype, b_dtype, bias_dtype = ctx.dtypes
-        db = dy2.sum(0, dtype=torch.float32).to(bias_dtype) if ctx.needs_input_grad[4] else None
+        db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
-        return dx, None, dA.to(a_dtype), dB.to(b_dtype), db, None, None, None
+        return dx, None, dA.to(lora_A.dtype), dB.to(lora_B.dtype), db, None, None, None
 
 
 def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, training=True):
