@@ -219,6 +219,39 @@ def test_frozen_weight_gets_no_gradient_work(backend, monkeypatch):
     assert_close(g, ref.double(), dtype=torch.float32)
 
 
+# The options that change the one-pass gradient's finishing terms (smoothing's is a column sum of the weight, softcap's
+# a factor on every entry) and one where smoothing meets softcap, which takes the two-pass path.
+FROZEN_OPTIONS = [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 5.0, "logit_scale": 1.3},
+                  {"num_items_in_batch": 50}, {"label_smoothing": 0.1, "softcap": 5.0}]
+
+
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
+@pytest.mark.parametrize("kw", FROZEN_OPTIONS, ids=lambda kw: "-".join(kw) or "plain")
+def test_frozen_head_takes_one_pass(monkeypatch, kw, gemm):
+    """PyTorch path, a frozen head over many vocabulary tiles (1031 = 8 x 128 + 7): dh is accumulated in the
+    log-sum-exp pass, rescaled as each row's max grows, so the logits are formed once (4 n H V FLOPs, not 6) and dh
+    still matches fp64."""
+    monkeypatch.setattr(ce, "_config", lambda V, H, **_: (8, 128))
+    monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", gemm)
+    H, V = 64, 1031
+    for dtype in DTYPES:
+        hidden, weight, _, labels = _inputs((2, 37), H, V, dtype, masked=0.4)
+        weight.requires_grad_(False)
+        n = int((labels != -100).sum())
+        grad_out = torch.rand(()) + 0.5
+        with _CountMatmulRows(V) as mode:
+            g = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, **kw), hidden, grad_out)[0]
+        assert mode.flops == (6 if "softcap" in kw and "label_smoothing" in kw else 4) * n * H * V
+        h64 = hidden.detach().double().requires_grad_()
+        ref = torch.autograd.grad(linear_cross_entropy_ref(h64, weight.double(), labels, **kw), h64,
+                                  grad_out.double())[0]
+        h16 = hidden.detach().clone().requires_grad_()
+        base = torch.autograd.grad(linear_cross_entropy_ref(h16, weight, labels, **kw), h16, grad_out.to(dtype))[0]
+        assert g.dtype == dtype
+        assert_close(g, ref, dtype=dtype, baseline=None if dtype == torch.float32 else base, name=f"dh {dtype}")
+
+
 def test_gradient_filter_is_off_by_default_and_close_without_smoothing():
     torch.manual_seed(1)
     h, w = randn(37, 64), randn(1031, 64, scale=0.5)
