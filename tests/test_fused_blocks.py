@@ -168,17 +168,27 @@ def test_attention_matches_fp64(dtype, case, gemm, monkeypatch):
         assert_close(ours.detach(), ref.detach(), baseline=b.detach() if dtype != torch.float32 else None, name=name)
 
 
-def test_attention_saves_only_its_16bit_inputs(monkeypatch):
+def test_attention_saves_its_16bit_inputs_and_the_output(monkeypatch):
+    """Kept for the backward: q, k, v as given, the fp32 output and its log-sum-exp; no fp32 copy of an input."""
     monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
     (q, k, v), opts = _attn_inputs(torch.bfloat16, **_ATTN_CASES["causal_gqa"])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = scaled_dot_product_attention(q, k, v, **opts)
     assert y.dtype == torch.bfloat16
-    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (q, k, v))  # no output, no fp32 copy
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, **opts)
-    assert len(saved) > 3  # torch's kernel keeps its output and log-sum-exp as well
+    inputs = [t for t in saved if t.dtype == torch.bfloat16]
+    assert sorted(t.data_ptr() for t in inputs) == sorted(t.data_ptr() for t in (q, k, v))
+    assert sorted(tuple(t.shape) for t in saved if t.dtype == torch.float32) == [(2, 6, 37), (2, 6, 37, 24)]
+
+
+def test_attention_falls_back_where_torch_decides(monkeypatch):
+    """Fewer key/value heads without enable_gqa: torch's function, and its error."""
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
+    (q, k, v), _ = _attn_inputs(torch.bfloat16, kv_heads=3)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError):
+        scaled_dot_product_attention(q, k, v)
 
 
 def test_attention_with_dropout_is_torchs(monkeypatch):
