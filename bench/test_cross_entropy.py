@@ -1,11 +1,13 @@
 """Linear + cross-entropy, forward + backward: sftfuse vs eager (full logits) vs torch's chunked op, same inputs.
 
 Shapes: the SmolLM2 head (H=576, V=49152, 2048 tokens) and a Llama-3 head (H=2048, V=128256, 256 tokens: fewer
-on CPU), half of the rows masked (prompt tokens), fp32 and bf16. Peak memory is what the call needs beyond the
-inputs (gradients included, for every impl alike).
+on CPU), half of the rows masked (prompt tokens), fp32 and bf16; and the SmolLM2 head frozen, as LoRA trains it
+(only grad_hidden wanted). Peak memory is what the call needs beyond the inputs (gradients included, for every
+impl alike).
 
 FLOPs counted for every impl as the useful work, 6 n H V for n counted tokens (logits, grad_hidden,
-grad_weight); eager and torch's op also spend it on masked rows, which is why they can lose.
+grad_weight; 4 n H V for a frozen head); eager and torch's op also spend it on masked rows, which is why they can
+lose.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from conftest import peak_memory
 
 from sftfuse.engine.functions import linear_cross_entropy
 
-SHAPES = {"smollm2": (2048, 576, 49152), "llama3": (256, 2048, 128256)}
+SHAPES = {"smollm2": (2048, 576, 49152), "smollm2_frozen": (2048, 576, 49152), "llama3": (256, 2048, 128256)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("eager", "torch_chunked", "sftfuse")  # baselines first: sftfuse's row carries the ratios
 _RESULTS: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
@@ -32,7 +34,8 @@ def _inputs(shape: str, dtype: str):
         n, H, V = SHAPES[shape]
         gen = torch.Generator().manual_seed(0)
         hidden = torch.randn(n, H, generator=gen).to(DTYPES[dtype]).requires_grad_()
-        weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(DTYPES[dtype]).requires_grad_()
+        weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(DTYPES[dtype]).requires_grad_(
+            not shape.endswith("_frozen"))
         labels = torch.randint(0, V, (n,), generator=gen)
         labels[torch.rand(n, generator=gen) < 0.5] = -100
         _INPUTS[(shape, dtype)] = (hidden, weight, labels)
@@ -60,7 +63,7 @@ def test_linear_cross_entropy(benchmark, bench_record, shape, dtype, impl):
         loss.backward()
         hidden.grad = weight.grad = None
 
-    rounds = 3 if shape == "smollm2" else 1
+    rounds = 3 if shape.startswith("smollm2") else 1
     times = []
 
     def timed():
@@ -73,7 +76,7 @@ def test_linear_cross_entropy(benchmark, bench_record, shape, dtype, impl):
     mem = peak_memory(step)
     n, H, V = SHAPES[shape]
     counted = int((labels != -100).sum())
-    flops = 6 * counted * H * V  # useful work: three (counted x H x V) matmuls
+    flops = (4 if shape.endswith("_frozen") else 6) * counted * H * V  # useful work: (counted x H x V) matmuls
     row = {"shape": f"{shape} n={n} H={H} V={V}", "dtype": dtype, "impl": impl, "seconds": seconds,
            "GFLOP/s": flops / seconds / 1e9, "peak_MB": mem / 1e6}
     _RESULTS.setdefault((shape, dtype), {})[impl] = (seconds, mem)
