@@ -7,10 +7,10 @@ and then coerced to the field's type, so a typo in a key or a value of the wrong
 
 The defaults were chosen by measurement: SmolLM2-135M-Instruct, QLoRA r=16 on every linear layer, bf16, 4 packed
 rows of 256 tokens per step, lr 1e-3, 60 steps (the training loss is under 0.2 by step 15). Measured on the 2-core
-development CPU (torch 2.13, nothing else running; README has the command): 5 min 44 s wall for the whole
-`sftfuse train` (load 3 s, both evaluations and the probe 73 s, training 263 s at about 4.4 s/step); test-split
-accuracy averaged over the 9 families 7.4% -> 71.3% (+63.9 points, no family worse), forgetting-probe NLL +30%;
-peak RSS 3.3 GiB.
+development CPU (torch 2.13, nothing else running; README has the command): 5 min 50 s wall for the whole
+`sftfuse train` (load 3 s, both evaluations and the probe 80 s, training 261 s: 3.6-3.8 s a step plus three
+validation passes); test-split accuracy averaged over the 9 families 7.4% -> 72.2% (+64.8 points, no family
+worse), forgetting-probe NLL +29.5%; peak RSS 3.3 GiB.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Two paths, one algorithm:
   each tile, turns it into its logit gradient in place and accumulates dh (per chunk, written into the (N, H)
   gradient), dW and db (fp32) from it, so the backward only scales them by grad_output. A head small enough for one
   tile is computed once. The cost of tiling is one extra logits GEMM (8 n H V FLOPs instead of 6), the price of
-  holding only the outputs: at the SmolLM2 head, 2048 tokens, fp32, peak memory is 0.0995x eager's and time 0.59x
+  holding only the outputs: at the SmolLM2 head, 2048 tokens, fp32, peak memory is 0.0995x eager's and time 0.57-0.61x
   (bench/). A frozen head (LoRA: only dh wanted) takes one pass: dh is accumulated beside the log-sum-exp, as
   flash attention accumulates its output, and finished with each row's lse, so the logits are formed once
   (4 n H V FLOPs; the SmolLM2 head at 512 counted rows: 364 ms -> 246 ms on 2 cores). GEMMs run in the weight's
