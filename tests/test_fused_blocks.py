@@ -182,13 +182,21 @@ def test_attention_saves_its_16bit_inputs_and_the_output(monkeypatch):
 
 
 def test_attention_falls_back_where_torch_decides(monkeypatch):
-    """Fewer key/value heads without enable_gqa: torch's function, and its error."""
+    """Fewer key/value heads without enable_gqa: torch's function, and its error. A torch build without the CPU
+    flash kernel's ops: torch's function, unchanged."""
+    from sftfuse.engine import blocks
+
     monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
-    (q, k, v), _ = _attn_inputs(torch.bfloat16, kv_heads=3)
+    (q, k, v), opts = _attn_inputs(torch.bfloat16, **_ATTN_CASES["causal_gqa"])
     with pytest.raises(RuntimeError):
         torch.nn.functional.scaled_dot_product_attention(q, k, v)
     with pytest.raises(RuntimeError):
         scaled_dot_product_attention(q, k, v)
+    ours = scaled_dot_product_attention(q, k, v, **opts)
+    monkeypatch.setattr(blocks, "_HAS_FLASH_CPU", False)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, **opts)
+    assert not torch.equal(ours, theirs)  # fp32 once rounded vs bf16 throughout
+    assert torch.equal(scaled_dot_product_attention(q, k, v, **opts), theirs)
 
 
 def test_attention_with_dropout_is_torchs(monkeypatch):

@@ -186,6 +186,12 @@ class _WideAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+# torch's CPU flash-attention kernel and its backward (private aten ops, in torch since 2.2; torch's own function
+# is used where a build lacks them)
+_HAS_FLASH_CPU = all(hasattr(torch.ops.aten, op) for op in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
 def _flash_fwd(query, key, value, *, attn_mask, is_causal, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
                                                                       attn_mask=attn_mask, scale=scale)
@@ -217,7 +223,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     mask_ok = attn_mask is None or (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()) and not (
         attn_mask.requires_grad and torch.is_grad_enabled())
     shapes_ok = query.dim() == 4 and key.shape == value.shape and query.shape[-1] == key.shape[-1] and (
-        enable_gqa or query.shape[1] == key.shape[1])
+        enable_gqa or query.shape[1] == key.shape[1]) and _HAS_FLASH_CPU
     if (gemm_dtype(dtype, query.device) == dtype or dropout_p > 0 or not mask_ok or not shapes_ok
             or key.dtype != dtype or value.dtype != dtype):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **opts)
