@@ -34,7 +34,7 @@ The swaps (the loss swap here, the others and their table rows in `sftfuse.engin
   saving its 16-bit input and one fp32 scale per row instead of fp32 copies of the activations.
 - attention: a family's attention module whose `config._attn_implementation` is "sdpa" runs its own forward
   with torch's `scaled_dot_product_attention` answered by `sftfuse.engine.blocks.scaled_dot_product_attention`
-  (fp32 on CPUs where fp32 GEMMs are faster, the 16-bit inputs saved, recomputed in the backward). The answer
+  (fp32 on CPUs where fp32 GEMMs are faster: the 16-bit inputs, the fp32 output and its lse saved). The answer
   comes from a `TorchFunctionMode` entered around that module's call only, on CPU inputs: no function is
   replaced anywhere, so other modules, models and threads see torch's own. Eager and flash implementations are
   left alone (they do not call it; Gemma-2's attention softcap needs eager).
