@@ -192,6 +192,20 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
             torch.mul(t, softcap, out=z)
         return z, t, wt, out
 
+    def add_dh(dhc, z, wt, out):
+        """dhc (c, H) fp32 += z wt, z taken through the GEMM-dtype buffer `out` when there is one."""
+        if out is None:
+            dhc.addmm_(z, wt)
+        else:
+            dhc += torch.mm(out.copy_(z), wt)
+
+    def store_dh(s, e, dhc):
+        """The chunk's rows of dh into the (N, H) gradient (at their rows in h when only some are counted)."""
+        if rows_idx is None:
+            dh[s:e] = dhc
+        else:
+            dh.index_copy_(0, rows_idx[s:e], dhc)
+
     for s in range(0, n, rows):
         e = min(s + rows, n)
         c = e - s
@@ -206,7 +220,7 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
         zmax = torch.full((c,), float("-inf"), **f32)
         ssum, zy = torch.zeros(c, **f32), torch.zeros(c, **f32)
         zsum = torch.zeros(c, **f32) if eps else None
-        acc = dhbuf[:c].zero_() if online else None  # (c, H) sum_v exp(z - max) f W_v
+        dhc = dhbuf[:c].zero_() if dh is not None else None  # online: sum_v exp(z - max) f W_v as it goes
         for v0 in range(0, V, cols):  # pass 1: online log-sum-exp over vocabulary tiles
             v1 = min(v0 + cols, V)
             z, t, wt, out = logits(hc, v0, v1)
@@ -220,13 +234,10 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
             zmax = m_new
             ssum += z.sub_(zmax[:, None]).exp_().sum(1)  # z now holds exp(z - max): kept when single
             if online:
-                acc.mul_(alpha[:, None])
+                dhc.mul_(alpha[:, None])
                 if softcap is not None:
                     z.mul_(t.square_().neg_().add_(1.0))
-                if out is None:
-                    acc.addmm_(z, wt)
-                else:
-                    acc += torch.mm(out.copy_(z), wt)
+                add_dh(dhc, z, wt, out)
         lc = ssum.log().add_(zmax)  # (c,) log-sum-exp
         lse[s:e] = lc
         hit[s:e] = zy >= zmax
@@ -240,19 +251,15 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
         coef = r * (1.0 + 2.0 * z_loss * lc)
         if online:  # dh = coef softmax f W - (1 - eps) r f_y W_y - r eps / V sum_v W_v
             fy = 1.0 - (zy / softcap).square() if softcap is not None else torch.ones_like(zy)
-            acc.mul_((coef / ssum)[:, None])
-            acc.sub_(weight.index_select(0, yc).float().mul_((r * (1.0 - eps) * fy)[:, None]))
+            dhc.mul_((coef / ssum)[:, None])
+            dhc.sub_(weight.index_select(0, yc).float().mul_((r * (1.0 - eps) * fy)[:, None]))
             if eps:
-                acc.sub_(torch.outer(r * (eps / V), wsum))
-            if rows_idx is None:
-                dh[s:e] = acc
-            else:
-                dh.index_copy_(0, rows_idx[s:e], acc)
+                dhc.sub_(torch.outer(r * (eps / V), wsum))
+            store_dh(s, e, dhc)
             continue
         # exp(z - lse) * coef as one exp of z - (lse - log coef): one pass over each tile fewer (coef >= 0 here
         # unless a negative z-loss makes it negative; log 0 = -inf gives exp = 0, as it should)
         shift = (lc - coef.log())[:, None] if bool((coef >= 0).all()) else None
-        dhc = dhbuf[:c].zero_() if dh is not None else None
         for v0 in range(0, V, cols):  # pass 2: each tile's logit gradient, then its share of dh, dW and db
             v1 = min(v0 + cols, V)
             if single:  # the tile still holds exp(z - max)
@@ -273,20 +280,14 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
             if softcap is not None:
                 z.mul_(t.square_().neg_().add_(1.0))  # d tanh = 1 - tanh^2
             if dhc is not None:
-                if out is None:
-                    dhc.addmm_(z, wt)
-                else:
-                    dhc += torch.mm(out.copy_(z), wt)  # the logit gradient in the GEMM dtype
+                add_dh(dhc, z, wt, out)
             if dw is not None:  # fp32 GEMM from the fp32 gradient: exact accumulation, no (V, H) temporary
                 torch.addmm(dw[v0:v1], z.t(), hc if cd == torch.float32 else hc.float(), out=dw[v0:v1],
                             beta=1 if s else 0)
             if db is not None:
                 db[v0:v1] += z.sum(0)
         if dhc is not None:
-            if rows_idx is None:
-                dh[s:e] = dhc
-            else:
-                dh.index_copy_(0, rows_idx[s:e], dhc)
+            store_dh(s, e, dhc)
     return loss, lse, hit, dh, dw, db
 
 
