@@ -26,5 +26,5 @@ setup(
         "test": ["pytest>=8", "trl>=0.20", "bitsandbytes>=0.47", "accelerate>=1.0"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.47", "accelerate>=1.0"],
     },
-    entry_points={"console_scripts": ["sftfuse=sftfuse.engine.cli:main"]},
+    entry_points={"console_scripts": ["sftfuse=sftfuse.train.cli:main"]},
 )

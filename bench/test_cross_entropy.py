@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import peak_memory
 
-from sftfuse.engine.functions import linear_cross_entropy
+from sftfuse.ops.cross_entropy import linear_cross_entropy
 
 SHAPES = {"smollm2": (2048, 576, 49152), "smollm2_frozen": (2048, 576, 49152), "llama3": (256, 2048, 128256)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

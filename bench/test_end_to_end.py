@@ -70,7 +70,7 @@ def _batch():
 def _build(config: str):
     import torch
 
-    from sftfuse.engine.models import load_default_model
+    from sftfuse.train.models import load_default_model
 
     bf16 = torch.bfloat16
     if config in ("a", "b"):
@@ -82,7 +82,7 @@ def _build(config: str):
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from sftfuse.engine.models import cache_dir
+        from sftfuse.train.models import cache_dir
 
         load_default_model(dtype=bf16)  # makes sure the safetensors cache exists
         qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -91,8 +91,8 @@ def _build(config: str):
                                                      quantization_config=qcfg, device_map="cpu")
         model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear"))
     else:
-        from sftfuse.engine.modules import LoRALinear, NF4Linear
-        from sftfuse.engine.quantize import quantize_model
+        from sftfuse.modules.linear import LoRALinear, NF4Linear
+        from sftfuse.modules.quantize import quantize_model
 
         model, _ = load_default_model(dtype=bf16)
         quantize_model(model, compute_dtype=bf16)
@@ -106,7 +106,7 @@ def _build(config: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = None
     if config in ("b", "d", "d+gc"):
-        from sftfuse.engine.patcher import patch_model
+        from sftfuse.patch.patcher import patch_model
 
         report = str(patch_model(model, strict=True))
     return model.train(), report

@@ -18,7 +18,7 @@ import torch
 from conftest import peak_memory
 from torch import nn
 
-from sftfuse.engine.modules import LoRALinear
+from sftfuse.modules.linear import LoRALinear
 
 TOKENS, R, ALPHA, P = 1024, 16, 32, 0.05
 H, FF = 576, 1536
@@ -64,7 +64,7 @@ def _layers(impl: str, base: str) -> dict[str, nn.Module]:
             continue
         lin = nn.Linear(k, n, bias=False, dtype=torch.bfloat16).requires_grad_(False)
         if base == "nf4":
-            from sftfuse.engine.modules import NF4Linear
+            from sftfuse.modules.linear import NF4Linear
 
             lin = NF4Linear.from_linear(lin, compute_dtype=torch.bfloat16)
         if impl == "base":

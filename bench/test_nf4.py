@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import peak_memory
-from sftfuse.engine.functions import nf4_matmul
 from sftfuse.kernels.nf4 import quantize_nf4
+from sftfuse.ops.nf4 import nf4_matmul
 
 try:
     import bitsandbytes as bnb
@@ -92,9 +92,9 @@ def test_quantized_smollm2_bytes(bench_record):
     """Bytes of SmolLM2-135M's linears (all but the tied embedding/head): bf16 vs NF4 with double quant."""
     from torch import nn
 
-    from sftfuse.engine.models import load_default_model
-    from sftfuse.engine.modules import NF4Linear
-    from sftfuse.engine.quantize import quantize_model
+    from sftfuse.modules.linear import NF4Linear
+    from sftfuse.modules.quantize import quantize_model
+    from sftfuse.train.models import load_default_model
 
     try:
         model, _ = load_default_model(dtype=torch.bfloat16)

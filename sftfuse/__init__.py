@@ -11,20 +11,20 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _API = {
-    "linear_cross_entropy": "sftfuse.engine.functions",
-    "nf4_matmul": "sftfuse.engine.functions",
-    "lora_linear": "sftfuse.engine.functions",
+    "linear_cross_entropy": "sftfuse.ops.cross_entropy",
+    "nf4_matmul": "sftfuse.ops.nf4",
+    "lora_linear": "sftfuse.ops.lora",
     "NF4Weight": "sftfuse.kernels.nf4",
     "quantize_nf4": "sftfuse.kernels.nf4",
     "dequantize_nf4": "sftfuse.kernels.nf4",
-    "quantize_model": "sftfuse.engine.quantize",
-    "NF4Linear": "sftfuse.engine.modules",
-    "LoRALinear": "sftfuse.engine.modules",
-    "patch_model": "sftfuse.engine.patcher",
-    "unpatch_model": "sftfuse.engine.patcher",
-    "PatchReport": "sftfuse.engine.patcher",
-    "load_default_model": "sftfuse.engine.models",
-    "tiny_model": "sftfuse.engine.models",
+    "quantize_model": "sftfuse.modules.quantize",
+    "NF4Linear": "sftfuse.modules.linear",
+    "LoRALinear": "sftfuse.modules.linear",
+    "patch_model": "sftfuse.patch.patcher",
+    "unpatch_model": "sftfuse.patch.patcher",
+    "PatchReport": "sftfuse.patch.patcher",
+    "load_default_model": "sftfuse.train.models",
+    "tiny_model": "sftfuse.train.models",
 }
 
 

@@ -1,1 +1,0 @@
-"""The engine: autograd Functions, modules, patcher, quantizer, data, trainer and CLI."""

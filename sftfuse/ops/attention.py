@@ -1,0 +1,78 @@
+"""Attention: torch's scaled_dot_product_attention, 16-bit CPU inputs computed in fp32."""
+
+from __future__ import annotations
+
+import torch
+
+from sftfuse.ops._common import without_autocast
+
+
+class _WideAttentionFunction(torch.autograd.Function):
+    """sdpa on fp32 copies of 16-bit q, k, v through torch's CPU flash-attention kernel; saves the 16-bit inputs,
+    the fp32 output and the log-sum-exp, and runs that kernel's backward on fp32 copies made again."""
+
+    @staticmethod
+    @without_autocast
+    def forward(ctx, query, key, value, attn_mask, opts: dict):
+        wide = [t.float() for t in (query, key, value)]  # transient: recast in the backward
+        out, lse = _flash_fwd(*wide, attn_mask=attn_mask, is_causal=opts["is_causal"], scale=opts["scale"])
+        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+        ctx.opts = opts
+        return out.to(query.dtype)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad_out):
+        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        grads = _flash_bwd(grad_out.float(), *(t.float() for t in (query, key, value)), out, lse, 0.0,
+                           ctx.opts["is_causal"], attn_mask=attn_mask, scale=ctx.opts["scale"])
+        dq, dk, dv = (g.to(t.dtype) if need else None
+                      for g, t, need in zip(grads, (query, key, value), ctx.needs_input_grad[:3], strict=True))
+        return dq, dk, dv, None, None
+
+
+# torch's CPU flash-attention kernel and its backward (private aten ops, in torch since 2.2; torch's own function
+# is used where a build lacks them)
+_HAS_FLASH_CPU = all(hasattr(torch.ops.aten, op) for op in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def _flash_fwd(query, key, value, *, attn_mask, is_causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
+                                                                      attn_mask=attn_mask, scale=scale)
+
+
+def _flash_bwd(*args, **kwargs):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, **kwargs)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """`torch.nn.functional.scaled_dot_product_attention`, same arguments and result, computed in fp32 for 16-bit
+    CPU inputs where fp32 GEMMs are the faster ones here (`sftfuse.kernels._cpu.gemm_dtype`).
+
+    On such a CPU, torch's flash attention in bf16 runs its matmuls at bf16's rate: measured on this project's
+    2-core Xeon (B=4, 9 heads, 256 tokens, head_dim 64, causal), forward + backward took 23 ms in bf16 and 10-12 ms
+    this way. The fp32 copies of q, k and v are transient: the backward keeps the 16-bit inputs, the fp32 output
+    and the log-sum-exp (torch's bf16 kernel keeps a bf16 output instead) and hands fresh fp32 copies to the same
+    kernel's backward. Running the forward again instead, to keep the output out of memory (2.4 MB a layer at that
+    shape), cost 13-15 ms. The output is the fp32 result rounded once to q's dtype; a bool mask becomes the
+    additive fp32 bias torch's function makes of it. Anything else (CUDA, fp32 inputs, a CPU with fast bf16 GEMMs,
+    dropout, a mask that needs a gradient, mixed dtypes or head sizes, key/value heads that differ from the
+    query's without enable_gqa) runs torch's function unchanged.
+    """
+    from sftfuse.kernels._cpu import gemm_dtype
+
+    opts = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    dtype = query.dtype
+    mask_ok = attn_mask is None or (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()) and not (
+        attn_mask.requires_grad and torch.is_grad_enabled())
+    shapes_ok = query.dim() == 4 and key.shape == value.shape and query.shape[-1] == key.shape[-1] and (
+        enable_gqa or query.shape[1] == key.shape[1]) and _HAS_FLASH_CPU
+    if (gemm_dtype(dtype, query.device) == dtype or dropout_p > 0 or not mask_ok or not shapes_ok
+            or key.dtype != dtype or value.dtype != dtype):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **opts)
+    if attn_mask is not None:  # an additive fp32 bias, as torch's function hands a bool mask to this kernel
+        attn_mask = attn_mask.detach().float() if attn_mask.is_floating_point() else torch.zeros(
+            attn_mask.shape, device=attn_mask.device).masked_fill_(attn_mask.logical_not(), float("-inf"))
+    return _WideAttentionFunction.apply(query, key, value, attn_mask, opts)

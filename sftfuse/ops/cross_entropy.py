@@ -1,0 +1,203 @@
+"""linear + cross-entropy: the autograd Function and `linear_cross_entropy` (kernels: kernels/cross_entropy.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sftfuse.kernels._registry import use_triton
+from sftfuse.ops._common import without_autocast
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class _CEOptions:
+    """The loss options, one named bundle (the Function takes tensors + this, never a long positional list)."""
+
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    logit_scale: float
+    num_items: float | None
+
+
+@dataclass(frozen=True)
+class CrossEntropyStats:
+    """What `linear_cross_entropy(..., return_stats=True)` reports beside the loss (detached 0-dim tensors).
+
+    n_tokens: counted tokens (int64). accuracy: share of counted tokens whose label logit is the largest (fp32,
+    0 when none counted). mean_z: mean log-sum-exp z over counted tokens (fp32, 0 when none counted).
+    """
+
+    n_tokens: torch.Tensor
+    accuracy: torch.Tensor
+    mean_z: torch.Tensor
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self, key)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Only counted rows reach a matmul. Torch path: gradients formed in the forward (rows gathered a chunk at a
+    time, dh written into the (N, H) gradient), scaled in the backward (reduction "none": recomputed in the
+    backward with per-row weights). Triton path: counted rows gathered; backward recomputes logit tiles."""
+
+    @staticmethod
+    @without_autocast
+    def forward(ctx, hidden, weight, bias, y, idx, opts: _CEOptions):
+        """hidden: (N, H) all rows; idx: (n,) the counted rows (None: all); y: (n,) their labels."""
+        from sftfuse.kernels import cross_entropy as ce
+
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        kw = {"label_smoothing": opts.label_smoothing, "z_loss": opts.z_loss, "softcap": opts.softcap,
+              "logit_scale": opts.logit_scale}
+        n = y.shape[0]
+        if opts.reduction == "mean":
+            row_weight = torch.full((n,), 1.0 / (opts.num_items if opts.num_items is not None else max(n, 1)),
+                                    dtype=torch.float32, device=y.device)
+        else:
+            row_weight = torch.ones(n, dtype=torch.float32, device=y.device)
+        ctx.opts, ctx.kw, ctx.needs = opts, kw, (need_dh, need_dw, need_db)
+        ctx.triton = use_triton(hidden, weight)
+        ctx.rows, ctx.hidden_dtype = hidden.shape[0], hidden.dtype
+        any_grad = need_dh or need_dw or need_db
+        if ctx.triton or opts.reduction == "none" or not any_grad:
+            h = hidden if idx is None else hidden.index_select(0, idx)  # counted rows only
+            if ctx.triton:
+                loss, lse, hit = ce.linear_cross_entropy_fwd(h, weight, bias, y, **kw)
+            else:
+                loss, lse, hit, *_ = ce.linear_cross_entropy_torch(h, weight, bias, y, None, **kw)
+            ctx.save_for_backward(h, weight, bias, y, lse, row_weight, idx)
+        else:  # PyTorch path: rows gathered a chunk at a time, dh written straight into an (N, H) gradient
+            loss, lse, hit, dh, dw, db = ce.linear_cross_entropy_torch(
+                hidden, weight, bias, y, row_weight, rows_idx=idx, need_dh=need_dh, need_dw=need_dw,
+                need_db=need_db, **kw)
+            ctx.grads = [dh, dw, db]  # fp32, owned: the backward scales them in place and hands them over
+        total = loss if opts.reduction == "none" else (loss * row_weight).sum()
+        stats = torch.stack([lse.sum(), hit.sum().float()]) if n else torch.zeros(2, device=y.device)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad_out, _grad_stats):
+        from sftfuse.kernels import cross_entropy as ce
+
+        need_dh, need_dw, need_db = ctx.needs
+        if hasattr(ctx, "grads"):
+            if ctx.grads is None:
+                raise RuntimeError("linear_cross_entropy: backward ran twice; its gradients were handed over")
+            grads, ctx.grads = ctx.grads, None
+            if not (grad_out == 1).all():
+                g = grad_out.float()
+                grads = [t.mul_(g) if t is not None else None for t in grads]
+        else:
+            h, weight, bias, y, lse, row_weight, idx = ctx.saved_tensors
+            row_weight = row_weight * grad_out.float()  # per-row upstream gradient for "none", a scalar otherwise
+            if ctx.triton:
+                grads = ce.linear_cross_entropy_bwd(h, weight, bias, y, lse, row_weight, need_dw=need_dw,
+                                                    need_db=need_db, **ctx.kw)
+            else:
+                grads = ce.linear_cross_entropy_torch(h, weight, bias, y, row_weight, need_dh=need_dh,
+                                                      need_dw=need_dw, need_db=need_db, **ctx.kw)[3:]
+            grads = list(grads)
+            if grads[0] is not None and idx is not None:  # counted rows' gradient into the (N, H) one
+                grads[0] = grads[0].new_zeros(ctx.rows, grads[0].shape[1]).index_copy_(0, idx, grads[0])
+        if grads[0] is not None:
+            grads[0] = grads[0].to(ctx.hidden_dtype)
+        return (*grads, None, None, None)
+
+
+def _as_float(value, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
+                         shift_labels=False, return_stats=False):
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, without ever holding the full logits.
+
+    Rows whose label is `ignore_index` (after the optional shift) are dropped before the matmul. Logits are
+    `logit_scale * (hidden @ weight.T + bias)`, then `softcap * tanh(logits / softcap)` when softcap is set.
+    Accumulation (log-sum-exp, loss, weight gradient) is fp32 whatever the input dtype; matmuls run in the
+    weight's dtype (hidden is cast to it). The loss is returned in fp32.
+
+    Args:
+        hidden: (..., H) float. weight: (V, H), same device. labels: (...) integer, hidden's leading shape.
+        bias: (V,) or None.
+        ignore_index: label value that is not counted (default -100).
+        reduction: "mean" (default; over counted tokens), "sum", or "none" (per token, 0 where not counted).
+        label_smoothing: eps in [0, 1], as F.cross_entropy's (default 0).
+        z_loss: weight of lse^2 per counted token (default 0).
+        softcap: cap > 0 for cap * tanh(logits / cap), applied after logit_scale (default None: off).
+        logit_scale: multiplies the logits first (default 1).
+        num_items_in_batch: with reduction="mean", the denominator instead of this call's counted tokens, so
+            that summing losses over gradient-accumulation micro-batches is exact (default None).
+        shift_labels: predict labels[..., t + 1] from hidden[..., t] (causal shift done here; default False).
+        return_stats: also return a `CrossEntropyStats` (n_tokens, accuracy, mean_z).
+    Returns:
+        loss: 0-dim fp32, or (...) fp32 with reduction="none"; and stats when return_stats=True.
+        With no counted token the loss is 0 and every gradient is zero.
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, {hidden.shape[-1]}), got {getattr(weight, 'shape', weight)}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must be an integer tensor of shape {tuple(hidden.shape[:-1])}, got "
+                         f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+    V = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"bias must be ({V},), got {tuple(bias.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing, z_loss = _as_float(label_smoothing, "label_smoothing"), _as_float(z_loss, "z_loss")
+    logit_scale = _as_float(logit_scale, "logit_scale")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None:
+        softcap = _as_float(softcap, "softcap")
+        if not softcap > 0:
+            raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    num_items = None
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(f"num_items_in_batch replaces the mean's denominator; reduction is {reduction!r}")
+        num_items = _as_float(num_items_in_batch, "num_items_in_batch")
+    labels = labels.long()
+    if shift_labels:
+        labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
+    flat_y = labels.reshape(-1)
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    idx = (flat_y != ignore_index).nonzero().squeeze(1)  # (n,) counted rows: the only ones that reach a matmul
+    n = idx.numel()
+    if n == hidden2.shape[0]:
+        idx, y = None, flat_y
+    else:
+        y = flat_y.index_select(0, idx)
+    if n and (int(y.min()) < 0 or int(y.max()) >= V):
+        lo, hi = int(y.min()), int(y.max())
+        raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
+    if num_items is not None and n and not num_items > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
+    opts = _CEOptions(reduction, label_smoothing, z_loss, softcap, logit_scale, num_items)
+    loss, sums = _LinearCrossEntropy.apply(hidden2.to(weight.dtype).contiguous(), weight.contiguous(),
+                                           None if bias is None else bias.contiguous(), y, idx, opts)
+    if reduction == "none":
+        loss = loss if idx is None else loss.new_zeros(flat_y.shape).index_put((idx,), loss)
+        loss = loss.reshape(labels.shape)
+    if not return_stats:
+        return loss
+    count = torch.tensor(n, device=hidden.device)
+    stats = CrossEntropyStats(count, sums[1] / max(n, 1), sums[0] / max(n, 1))
+    return loss, stats

@@ -1,0 +1,116 @@
+"""Gated LoRA MLP: the autograd Function and `lora_mlp` (kernels: sftfuse/kernels/gated_mlp.py, lora.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sftfuse.ops._common import without_autocast
+from sftfuse.ops.lora import _adapter_dtype
+
+
+@dataclass(frozen=True)
+class LoRAParts:
+    """One LoRA projection of a fused block: frozen `base` (tensor or NF4Weight), scaling, dropout p and seed."""
+
+    base: object
+    scaling: float
+    p: float
+    seed: int
+
+
+class _LoRAMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)) over three LoRA linears; saves x and the rank-r projections only."""
+
+    @staticmethod
+    @without_autocast
+    def forward(ctx, x, gate_A, gate_B, up_A, up_B, down_A, down_B, parts, act, recompute):
+        from sftfuse.kernels.gated_mlp import act_fwd
+        from sftfuse.kernels.lora import lora_linear_fwd
+
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        pg, pu, pd = parts
+        cd = _adapter_dtype(x2, pg.base)  # x's dtype, or the GEMM's (as in LoRALinearFunction)
+        ab = [w.to(cd) for w in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
+        g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
+        u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
+        h = act_fwd(g, act).mul_(u)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)
+        y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
+        kept = (None, None) if recompute else (g, u)
+        ctx.save_for_backward(x2, tg, tu, td, *kept, gate_A, gate_B, up_A, up_B, down_A, down_B)  # not the casts
+        ctx.cd = cd
+        ctx.parts, ctx.act, ctx.x_shape = parts, act, x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, dy):
+        from sftfuse.kernels.gated_mlp import act_bwd, act_fwd
+        from sftfuse.kernels.lora import lora_linear_bwd, lora_linear_fwd
+
+        x2, tg, tu, td, g, u, *adapters = ctx.saved_tensors
+        ab = [w.to(ctx.cd) for w in adapters]
+        pg, pu, pd = ctx.parts
+        dt = x2.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dt).contiguous()
+        if g is None:  # recompute: gate and up run forward again (same dropout masks, from the same seeds)
+            g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
+            u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
+        # the elementwise part in x's dtype, as autograd would run the unfused block (no fp32 copies: at 1536
+        # wide they were 5 x 6 MB of transients per layer)
+        a = act_fwd(g, ctx.act)
+        h = a * u
+        dh, dA_d, dB_d = lora_linear_bwd(dy2, h, td, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
+        del h
+        du = dh * a
+        del a
+        dg = act_bwd(dh.mul_(u), g, ctx.act)
+        del g, u, dh
+        need_dx = ctx.needs_input_grad[0]
+        dxg, dA_g, dB_g = lora_linear_bwd(dg, x2, tg, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p,
+                                          need_dx=need_dx)
+        dxu, dA_u, dB_u = lora_linear_bwd(du, x2, tu, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p,
+                                          need_dx=need_dx)
+        dx = dxg.add_(dxu).reshape(ctx.x_shape) if need_dx else None
+        grads = [t.to(w.dtype) for t, w in zip((dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), adapters, strict=True)]
+        return dx, *grads, None, None, None
+
+
+def lora_mlp(x, gate, up, down, *, act="silu", training=True, recompute=True):
+    """Gated MLP down(act(gate(x)) * up(x)) with a LoRA adapter on each projection, saving only x and the rank-r
+    projections (gate and up run forward again in the backward), or, with recompute=False, also gate's and up's
+    outputs (half of what autograd keeps for the unfused block, and no GEMM is repeated).
+
+    Args:
+        x: (..., hidden). gate, up, down: (base, lora_A, lora_B, scaling, dropout) each, as `lora_linear` takes
+            them: base an (out, in) tensor or an NF4Weight, no bias; dropout the adapter's input dropout p.
+        act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU). training: dropout applies only when True.
+        recompute: True: save x only and run gate and up again in the backward; False: save their outputs too.
+    Returns:
+        (..., hidden) in x's dtype; gradients to x and the six adapter matrices (in their own dtypes).
+    """
+    from sftfuse.kernels.gated_mlp import ACTS
+    from sftfuse.kernels.lora import new_seed
+
+    if act not in ACTS:
+        raise ValueError(f"act: expected one of {ACTS}, got {act!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {type(x).__name__}")
+    parts, adapters = [], []
+    for name, (base, A, B, scaling, dropout) in (("gate", gate), ("up", up), ("down", down)):
+        out_f, in_f = tuple(base.shape)
+        if A.dim() != 2 or A.shape[1] != in_f or tuple(B.shape) != (out_f, A.shape[0]):
+            raise ValueError(f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit base "
+                             f"({out_f}, {in_f})")
+        if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
+            raise TypeError(f"{name}: base dtype {base.dtype} differs from x's {x.dtype}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        p = float(dropout) if training else 0.0
+        parts.append(LoRAParts(base, float(scaling), p, new_seed() if p > 0 else 0))
+        adapters += [A, B]
+    if x.shape[-1] != gate[0].shape[1] or gate[0].shape[0] != up[0].shape[0] or down[0].shape[1] != up[0].shape[0]:
+        raise ValueError(f"x (..., {x.shape[-1]}), gate {tuple(gate[0].shape)}, up {tuple(up[0].shape)} and down "
+                         f"{tuple(down[0].shape)} do not chain")
+    return _LoRAMLPFunction.apply(x, *adapters, tuple(parts), act, bool(recompute))

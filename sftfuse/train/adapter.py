@@ -1,0 +1,222 @@
+"""LoRA adapters on disk and in a model: injection, PEFT-format save/load, merging.
+
+`inject_lora` walks `named_modules()` once and swaps every linear leaf whose name is in `target_modules` (a plain
+`nn.Linear` or an `NF4Linear`) for an sftfuse `LoRALinear`; everything else is frozen. The adapter is written the
+way PEFT writes it (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r)), so
+`peft.PeftModel.from_pretrained(original_model, adapter_dir)` loads it without sftfuse. `merge_lora_` folds
+`W + scaling * B @ A` into plain `nn.Linear` layers (dequantizing NF4 bases first), giving an ordinary HF model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _lora_cls():
+    from sftfuse.modules.linear import LoRALinear
+
+    return LoRALinear
+
+
+def _nf4_cls():
+    try:
+        from sftfuse.modules.linear import NF4Linear
+    except ImportError:
+        return ()
+    return NF4Linear
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def inject_lora(model: nn.Module, *, target_modules, r: int = 16, lora_alpha: float = 32.0,
+                lora_dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+    """Freeze `model` and wrap each targeted linear leaf in a LoRALinear. Returns the wrapped module paths.
+
+    Raises:
+        ValueError: no module matched `target_modules`.
+    """
+    lora_cls, nf4_cls = _lora_cls(), _nf4_cls()
+    targets = set(target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [name for name, mod in model.named_modules()
+             if name.rpartition(".")[2] in targets and isinstance(mod, (nn.Linear, nf4_cls)) and "lm_head" not in name]
+    if not names:
+        raise ValueError(f"target_modules={sorted(targets)}: no linear layer of the model has one of these names")
+    for name in names:
+        base = model.get_submodule(name)
+        _set_child(model, name, lora_cls.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                     use_rslora=use_rslora))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> LoRALinear, in `named_modules()` order (paths relative to the *ForCausalLM)."""
+    lora_cls = _lora_cls()
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, lora_cls)}
+
+
+def adapter_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """PEFT-keyed adapter tensors: `base_model.model.<path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)."""
+    out = {}
+    for name, mod in lora_modules(model).items():
+        for part in ("lora_A", "lora_B"):
+            t = getattr(mod, part).detach()
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = (t.to(dtype) if dtype else t).contiguous().cpu()
+    return out
+
+
+def peft_config(*, r: int, lora_alpha: float, lora_dropout: float, target_modules, use_rslora: bool,
+                base_model: str | None) -> dict:
+    """The fields PEFT's LoraConfig reads back (FACTS.md, peft 0.21)."""
+    alpha = int(lora_alpha) if float(lora_alpha).is_integer() else float(lora_alpha)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": alpha,
+            "lora_dropout": float(lora_dropout), "target_modules": sorted(set(target_modules)), "bias": "none",
+            "use_rslora": bool(use_rslora), "fan_in_fan_out": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model}
+
+
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write `tensors` and `config` to `out_dir` atomically (a temporary sibling directory, then a rename)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir.parent, f".tmp-{out_dir.name}-")
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory under `parent` (created if missing) to fill and then move into place with `replace_dir`.
+
+    mkdtemp makes it private (0700); what lands there is an ordinary output directory, so it is opened to 0755.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o755)
+    return tmp
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished directory `tmp` onto `target`. A crash at any point leaves `target` whole (old or new)."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path}: not an adapter directory (no {ADAPTER_CONFIG})")
+    return load_file(str(adapter_dir / ADAPTER_WEIGHTS)), json.loads(cfg_path.read_text())
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy PEFT-keyed tensors into the model's LoRALinear modules (shapes must match)."""
+    mods = lora_modules(model)
+    expected = {f"{PEFT_PREFIX}{n}.{p}.weight" for n in mods for p in ("lora_A", "lora_B")}
+    missing, extra = expected - set(tensors), set(tensors) - expected
+    if missing or extra:
+        raise ValueError(f"adapter does not fit the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, mod in mods.items():
+            for part in ("lora_A", "lora_B"):
+                getattr(mod, part).copy_(tensors[f"{PEFT_PREFIX}{name}.{part}.weight"])
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    nf4 = _nf4_cls()
+    if nf4 and isinstance(layer, nf4):
+        return layer.dequantize()
+    return layer.weight
+
+
+def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.requires_grad_(False)
+    return lin
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every LoRALinear by an nn.Linear holding `W + scaling * B @ A` (computed in fp32), and every
+    remaining NF4Linear by its dequantized nn.Linear. In place; returns `model`."""
+    nf4 = _nf4_cls()
+    for name, mod in list(lora_modules(model).items()):
+        base = mod.base_layer
+        w = _dense_weight(base).float() + mod.scaling * (mod.lora_B.float() @ mod.lora_A.float())
+        bias = getattr(base, "bias", None)
+        out_dtype = dtype or getattr(base, "compute_dtype", None) or base.weight.dtype
+        _set_child(model, name, _linear_like(w, bias, out_dtype))
+    if nf4:
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, nf4):
+                _set_child(model, name, _linear_like(mod.dequantize(), mod.bias, dtype or mod.compute_dtype))
+    return model
+
+
+@torch.no_grad()
+def merge_tensors_into_(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict) -> list[str]:
+    """Fold a PEFT-format adapter into a plain model's linear weights in place. Returns the merged paths."""
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+    merged = []
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        layer = model.get_submodule(path)
+        w = layer.weight
+        w.copy_((w.float() + scaling * (b.float().to(w.device) @ a.float().to(w.device))).to(w.dtype))
+        merged.append(path)
+    if not merged:
+        raise ValueError("adapter holds no lora_A/lora_B tensors")
+    return merged
+
+
+def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+    """`sftfuse merge`: load the adapter's base model, fold the adapter in, save safetensors + tokenizer."""
+    from sftfuse.train.trainer import load_model_and_tokenizer
+
+    tensors, config = read_adapter(adapter_dir)
+    src = base_model or config.get("base_model_name_or_path")
+    model, tok = load_model_and_tokenizer(None if src in (None, DEFAULT_MODEL_ID) else src)
+    merge_tensors_into_(model, tensors, config)
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir.parent, f".tmp-{out_dir.name}-")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,688 @@
+"""The SFT engine behind `sftfuse train`: one recipe with explicit setup / train / cleanup.
+
+setup:   load the model (HF directory, hub id, GGUF file, or the bundled SmolLM2-135M-Instruct) and the data;
+         print and save the data-quality report; evaluate the base model on the test split and let it answer the
+         forgetting-probe prompts; then quantize the frozen base to NF4 (QLoRA), wrap the target linears in
+         LoRALinear, `patch_model` (fused loss, LoRA and NF4 kernels) and build AdamW over fp32 master copies of
+         the adapter weights (the model computes in bf16 where the hardware does).
+train:   steps of `grad_accum` micro-batches. The loss of a step is the sum of token NLLs over every micro-batch
+         (and every process) divided by the number of counted tokens of the whole step (`num_items_in_batch`),
+         so accumulation and DDP give the loss of one big batch. Validation loss at intervals, with early stopping
+         on patience keeping the best adapter; checkpoints at intervals, written to a temporary directory and
+         renamed, holding the adapter, the optimizer, the scheduler, every RNG and the data position, so that
+         `--resume` reproduces the losses of an uninterrupted run and a SIGKILL never leaves a half checkpoint.
+cleanup: keep the best adapter, write it in PEFT's format, merge it into a dense copy for the after-evaluation
+         and the probe, write the loss curve, metrics and report.md, and tear down the process group.
+
+Under `torchrun` every process runs the same CLI; gradients are averaged by DDP (gloo on CPU, NCCL on GPU),
+rank 0 writes files and runs the evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sftfuse.train import adapter as ad
+from sftfuse.train import evaluation as ev
+from sftfuse.train.config import TrainConfig
+
+CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+# ======================================================================================================= helpers
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name != "auto":
+        return table[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:  # without native bf16 the CPU emulates it, slower than fp32
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    if native:
+        try:
+            a = torch.ones(8, 8, dtype=torch.bfloat16)
+            native = bool((a @ a)[0, 0] == 8)
+        except RuntimeError:
+            native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def load_model_and_tokenizer(path: str | None, *, dtype: torch.dtype = torch.float32):
+    """The bundled default (None), a GGUF file, or an HF directory / hub id. Returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftfuse.train.models import clear_gguf_flags, load_default_model
+
+    if path is None:
+        model, tok = load_default_model(dtype=dtype)
+    elif str(path).endswith(".gguf"):
+        p = Path(path)
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+        clear_gguf_flags(model)
+        model = model.to(dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (max allocated)"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return f"{int(line.split()[1]) / 2**20:.2f} GiB RSS (process high-water mark)"
+    except OSError:
+        pass
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min((step - warm) / max(total_steps - warm, 1), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint: `step-N` directories only (temporary `.tmp-*` ones are ignored)."""
+    if not ckpt_root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()
+             and (p / "state.json").exists()]
+    return max(found)[1] if found else None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # train loss per step (this run's, resumed steps included)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    stopped_early: bool = False
+    before: dict | None = None
+    after: dict | None = None
+    probe: dict | None = None
+    tokens_per_s: float = 0.0
+    adapter_dir: Path | None = None
+    report_path: Path | None = None
+
+
+# ======================================================================================================= trainer
+class Trainer:
+    """One SFT run. Use `train(cfg)` unless you need the pieces: `setup()`, `train()`, `cleanup()`."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, quiet: bool = False):
+        self.cfg = cfg.validate()
+        self.resume = resume
+        self.quiet = quiet
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.t_start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.times = {"load": 0.0, "eval": 0.0, "train": 0.0}
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def log(self, msg: str) -> None:
+        if self.rank == 0 and not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _init_distributed(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self._init_distributed()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for p in self.ckpt_root.glob(".tmp-*") if self.ckpt_root.is_dir() else []:
+                shutil.rmtree(p, ignore_errors=True)  # debris of a killed run
+        self._barrier()
+        self.ckpt = latest_checkpoint(self.ckpt_root) if self.resume else None
+        if self.resume and self.ckpt is None:
+            self.log(f"--resume: no checkpoint under {self.ckpt_root}; starting from scratch")
+
+        self._read_data()  # before the model: a bad row fails in a second, not after a load
+        t0 = time.perf_counter()
+        self.model, self.tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+        self.model.to(self.device)
+        self.model_name = cfg.model or ad.DEFAULT_MODEL_ID
+        self.times["load"] = time.perf_counter() - t0
+        self.log(f"loaded {self.model_name} in {self.times['load']:.1f} s; compute dtype {self.dtype}, "
+                 f"{self.world} process(es) on {self.device}")
+        self._setup_data()
+        self.model.to(self.dtype)
+        self._evaluate_base()
+        self._build_train_rows()
+        self._setup_model()
+        self._setup_optimizer()
+        if self.ckpt is not None:
+            self._load_checkpoint(self.ckpt)
+
+    def _read_data(self) -> None:
+        from sftfuse.train import data
+
+        cfg = self.cfg
+        bundled = cfg.train_file is None
+        train_path = cfg.train_file or data.bundled_path("train")
+        val_path = cfg.validation_file or (data.bundled_path("validation") if bundled else None)
+        test_path = cfg.test_file or (data.bundled_path("test") if bundled else None)
+        read = lambda p: data.read_rows(p, fmt=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows)  # noqa: E731
+        self.train_set = read(train_path)
+        self.val_set = read(val_path) if val_path else None
+        self.test_set = read(test_path) if test_path and cfg.task_eval else None
+
+    def _setup_data(self) -> None:
+        from sftfuse.train import data
+
+        cfg = self.cfg
+        self.train_examples = data.tokenize_rows(self.train_set.rows, self.tok, max_length=cfg.max_length,
+                                                 fmt=self.train_set.fmt)
+        self.val_rows: list[dict] = []
+        val_set = self.val_set
+        if val_set is not None:
+            ex = data.tokenize_rows(val_set.rows, self.tok, max_length=cfg.max_length, fmt=val_set.fmt)
+            ex = [e for e in ex if any(lab != -100 for lab in e["labels"][1:])]
+            rows = data.pack(ex, max_length=cfg.max_length) if cfg.packing else ex
+            self.val_rows = rows[:cfg.max_eval_rows] if cfg.max_eval_rows else rows
+        self.test_rows = []
+        if self.test_set is not None:
+            self.test_rows = self.test_set.rows
+            if cfg.max_test_rows:
+                self.test_rows = self.test_rows[:cfg.max_test_rows]
+        report = data.quality_report(self.train_set, self.train_examples, self.tok, max_length=cfg.max_length,
+                                     val_rows=val_set.rows if val_set else None)
+        self.data_md = report.to_markdown()
+        if self.rank == 0:
+            (self.out / "data_report.md").write_text(self.data_md + "\n")
+            (self.out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+            for line in report.summary_lines():
+                self.log(line)
+
+    def _evaluate_base(self) -> None:
+        """Test-split accuracy and probe answers of the base model (cached in the output dir for --resume)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        cache = self.out / "base_eval.json"
+        self.before, self.probe_prompts, self.probe_answers, self.probe_base_nll = None, [], [], []
+        if self.resume and cache.exists():
+            saved = json.loads(cache.read_text())
+            self.before, self.probe_prompts = saved["before"], saved["probe_prompts"]
+            self.probe_answers, self.probe_base_nll = saved["probe_answers"], saved["probe_base_nll"]
+        elif self.rank == 0:
+            if self.test_rows:
+                self.log(f"evaluating the base model on {len(self.test_rows)} test rows ...")
+                self.before = ev.task_eval(self.model, self.tok, self.test_rows, max_new_tokens=cfg.max_new_tokens,
+                                           batch_size=cfg.gen_batch_size)
+                self.log(f"base model: mean accuracy over families {100 * self.before['mean_acc']:.1f}%")
+            if cfg.probe or cfg.replay_ratio > 0:
+                from sftfuse.train import data
+
+                path = cfg.probe_file or data.bundled_path("probe_prompts")
+                prompts = ev.load_probe_prompts(path)
+                self.probe_prompts = [ev.render_prompt(self.tok, [{"role": "user", "content": p}]) for p in prompts]
+                self.probe_raw = prompts
+                self.probe_answers = ev.generate(self.model, self.tok, self.probe_prompts,
+                                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+                self.probe_base_nll = ev.answer_nll(self.model, self.tok, self.probe_prompts, self.probe_answers)
+            saved = {"before": self.before, "probe_prompts": self.probe_prompts, "probe_answers": self.probe_answers,
+                     "probe_base_nll": self.probe_base_nll}
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=1))
+            os.replace(tmp, cache)
+        if self.world > 1:  # every process needs the probe answers for replay
+            box = [self.probe_prompts, self.probe_answers]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self.probe_prompts, self.probe_answers = box
+        self.times["eval"] += time.perf_counter() - t0
+
+    def _build_train_rows(self) -> None:
+        from sftfuse.train import data
+
+        cfg = self.cfg
+        examples = [e for e in self.train_examples if any(lab != -100 for lab in e["labels"][1:])]
+        if cfg.replay_ratio > 0 and self.probe_answers:
+            # Replay: the base model's own answers, learnt like demonstrations, pull the model back to itself.
+            n = round(cfg.replay_ratio * len(examples))
+            msgs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+                    for p, a in zip(self._probe_user_texts(), self.probe_answers, strict=False) if a]
+            rows = [{"messages": msgs[i % len(msgs)]} for i in range(n)] if msgs else []
+            examples += data.tokenize_rows(rows, self.tok, max_length=cfg.max_length, fmt="messages")
+            self.log(f"replay: {len(rows)} base-model answers mixed into {len(examples) - len(rows)} examples")
+        if not examples:
+            raise ValueError("no training example has a response token: check the data format and max_length")
+        self.train_rows = data.pack(examples, max_length=cfg.max_length) if cfg.packing else examples
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_rows) / per_step))
+        self.log(f"train: {len(examples)} examples -> {len(self.train_rows)} rows of <= {cfg.max_length} tokens; "
+                 f"{self.total_steps} steps of {per_step} rows")
+
+    def _probe_user_texts(self) -> list[str]:
+        if getattr(self, "probe_raw", None):
+            return self.probe_raw
+        from sftfuse.train import data
+
+        return ev.load_probe_prompts(self.cfg.probe_file or data.bundled_path("probe_prompts"))
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        if cfg.qlora:
+            from sftfuse.modules.quantize import quantize_model
+
+            quantize_model(self.model, compute_dtype=self.dtype)
+        self.lora_names = ad.inject_lora(self.model, target_modules=cfg.target_modules, r=cfg.lora_r,
+                                         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                         use_rslora=cfg.use_rslora)
+        self.model.to(self.device)
+        self.patched = None
+        if cfg.patch:
+            from sftfuse.patch.patcher import patch_model
+
+            self.patched = patch_model(self.model)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+        self.model.train()
+        self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        # fp32 master weights: AdamW updates of ~lr*1e-1 would vanish in bf16's 8-bit mantissa.
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        n_train = sum(p.numel() for p in self.params)
+        self.log(f"adapters: {len(self.lora_names)} LoRA layers, {n_train / 1e6:.2f} M trainable parameters"
+                 f"{'; NF4 base' if cfg.qlora else ''}{'; patched' if cfg.patch else ''}")
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           broadcast_buffers=False)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.opt = torch.optim.AdamW(self.masters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
+        self.step = 0
+        self.consumed = 0  # rows drawn from the epoch-wise shuffled stream, over all processes
+        self.best_val, self.best_step, self.bad_evals = None, None, 0
+        self.val_history: list[tuple[int, float]] = []
+        self._rng_by_rank: dict | None = None
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors in PEFT keys, taken from the fp32 masters."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        by_name = dict(zip(names, self.masters, strict=False))
+        out = {}
+        for mod_name in ad.lora_modules(self.model):
+            for part in ("lora_A", "lora_B"):
+                out[f"{ad.PEFT_PREFIX}{mod_name}.{part}.weight"] = by_name[f"{mod_name}.{part}"].detach().cpu().clone()
+        return out
+
+    def _adapter_config(self) -> dict:
+        cfg = self.cfg
+        return ad.peft_config(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
+                              base_model=self.model_name)
+
+    def _save_checkpoint(self) -> None:
+        """adapter + optimizer + scheduler + RNG (per process) + data position, to `.tmp-*` then renamed."""
+        from safetensors.torch import save_file
+
+        tmp = None
+        if self.rank == 0:
+            tmp = ad.staging_dir(self.ckpt_root, f".tmp-step-{self.step:06d}-")
+        if self.world > 1:
+            box = [str(tmp) if tmp else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            tmp = Path(box[0])
+        torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
+        self._barrier()
+        if self.rank == 0:
+            save_file(self._adapter_tensors(), str(tmp / ad.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (tmp / ad.ADAPTER_CONFIG).write_text(json.dumps(self._adapter_config(), indent=2))
+            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
+            state = {"step": self.step, "consumed": self.consumed, "best_val": self.best_val,
+                     "best_step": self.best_step, "bad_evals": self.bad_evals, "val_history": self.val_history,
+                     "world_size": self.world, "config": self.cfg.to_dict()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))  # written last
+            os.replace(tmp, self.ckpt_root / f"step-{self.step:06d}")
+            done = sorted((int(m.group(1)), p) for p in self.ckpt_root.iterdir() if (m := CKPT_RE.match(p.name)))
+            for _, p in done[:-self.cfg.keep_checkpoints] if self.cfg.keep_checkpoints else []:
+                shutil.rmtree(p, ignore_errors=True)
+        self._barrier()
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        if state["world_size"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, now {self.world}")
+        tensors = load_file(str(path / ad.ADAPTER_WEIGHTS))
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            for n, m, p in zip(names, self.masters, self.params, strict=False):
+                key = f"{ad.PEFT_PREFIX}{n}.weight"
+                m.copy_(tensors[key])
+                p.copy_(m)
+        opt = torch.load(path / "optim.pt", weights_only=False)
+        self.opt.load_state_dict(opt["optimizer"])
+        self.sched.load_state_dict(opt["scheduler"])
+        self.step, self.consumed = state["step"], state["consumed"]
+        self.best_val, self.best_step, self.bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
+        self.val_history = [tuple(v) for v in state["val_history"]]
+        self._rng_by_rank = torch.load(path / f"rng-{self.rank}.pt", weights_only=False)
+        self.log(f"resumed from {path} (step {self.step})")
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _row_index(self, k: int) -> int:
+        """k-th row of the stream: epoch k // n shuffled with its own seed, so any position can be resumed."""
+        n = len(self.train_rows)
+        epoch = k // n
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
+        return self._perm[k % n]
+
+    def _step_batches(self) -> list[dict]:
+        """This process's `grad_accum` micro-batches for the next step; advances the data position."""
+        from sftfuse.train import data
+
+        cfg = self.cfg
+        bs = cfg.batch_size
+        out = []
+        for j in range(cfg.grad_accum):
+            start = self.consumed + (j * self.world + self.rank) * bs
+            rows = [self.train_rows[self._row_index(k)] for k in range(start, start + bs)]
+            b = data.collate(rows, pad_id=self.tok.pad_token_id, packed=cfg.packing, mask_dtype=self.dtype)
+            b["n_input_tokens"] = sum(len(r["input_ids"]) for r in rows)
+            out.append(b)
+        self.consumed += bs * cfg.grad_accum * self.world
+        return out
+
+    def _forward_loss(self, batch: dict, n_items) -> torch.Tensor:
+        model = self.ddp or self.model
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return model(**batch, num_items_in_batch=n_items, use_cache=False).loss
+
+    def _train_step(self) -> dict:
+        cfg = self.cfg
+        batches = self._step_batches()
+        # Count the tokens that carry a loss (labels are shifted inside the model) over the whole step.
+        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
+        n_in = sum(b.pop("n_input_tokens") for b in batches)
+        if self.world > 1:
+            torch.distributed.all_reduce(n_tok)
+        n_tok_dev = n_tok.to(self.device)
+        loss_sum = 0.0
+        for j, b in enumerate(batches):
+            sync = self.ddp is None or j == len(batches) - 1
+            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                loss = self._forward_loss(b, n_tok_dev)
+                # DDP averages gradients over processes; the loss is already divided by the global count.
+                (loss * self.world).backward()
+            loss_sum += float(loss.detach())
+        with torch.no_grad():
+            for m, p in zip(self.masters, self.params, strict=False):
+                m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
+                p.grad = None
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.masters, cfg.grad_clip if cfg.grad_clip > 0 else 1e30))
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for m, p in zip(self.masters, self.params, strict=False):
+                p.copy_(m)
+        if self.world > 1:
+            t = torch.tensor([loss_sum])
+            torch.distributed.all_reduce(t)
+            loss_sum = float(t)
+        self.step += 1
+        return {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": int(n_tok),
+                "input_tokens": n_in * self.world}
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
+        from sftfuse.train import data
+
+        self.model.eval()
+        total, count = 0.0, 0
+        for s in range(0, len(self.val_rows), self.cfg.batch_size):
+            b = data.collate(self.val_rows[s:s + self.cfg.batch_size], pad_id=self.tok.pad_token_id,
+                             packed=self.cfg.packing, mask_dtype=self.dtype)
+            n = int((b["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            batch = {k: v.to(self.device) for k, v in b.items()}
+            loss = self.model(**batch, use_cache=False).loss
+            total += float(loss) * n
+            count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    def _metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def _append_metrics(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(self._metrics_path(), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _read_metrics(self) -> list[dict]:
+        p = self._metrics_path()
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        return out
+
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self.rank == 0:  # keep the metrics of the steps a resumed run does not redo
+            kept = [m for m in self._read_metrics() if m.get("step", 0) <= self.step] if self.ckpt else []
+            self._metrics_path().write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if self._rng_by_rank is not None:
+            set_rng_state(self._rng_by_rank)
+        result = TrainResult(output_dir=self.out, steps=self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.quiet,
+                   desc="train", unit="step", dynamic_ncols=True)
+        t0, tokens, stopped = time.perf_counter(), 0, False
+        losses = []
+        while self.step < self.total_steps and not stopped:
+            rec = self._train_step()
+            tokens += rec["input_tokens"]
+            elapsed = time.perf_counter() - t0
+            rec["tokens_per_s"] = tokens / elapsed
+            rec["elapsed_s"] = elapsed
+            losses.append(rec["loss"])
+            last = self.step == self.total_steps
+            if cfg.eval_interval and self.val_rows and (self.step % cfg.eval_interval == 0 or last):
+                val = self._validation_loss()
+                rec["val_loss"] = val
+                self.val_history.append((self.step, val))
+                if self.best_val is None or val < self.best_val - 1e-4:
+                    self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+                    if self.rank == 0:
+                        ad.write_adapter(self.out / "best_adapter", self._adapter_tensors(), self._adapter_config())
+                else:
+                    self.bad_evals += 1
+                    if cfg.patience and self.bad_evals >= cfg.patience:
+                        stopped = True
+                        self.log(f"early stopping at step {self.step}: validation loss has not improved for "
+                                 f"{self.bad_evals} evaluations (best {self.best_val:.4f} at step {self.best_step})")
+            if self.step % max(cfg.log_every, 1) == 0 or "val_loss" in rec:
+                self._append_metrics(rec)
+            if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0) and not last and not stopped:
+                self._save_checkpoint()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+            bar.update(1)
+        bar.close()
+        self.times["train"] = time.perf_counter() - t0
+        self.train_tokens = tokens
+        result.steps, result.losses, result.stopped_early = self.step, losses, stopped
+        result.val_losses = list(self.val_history)
+        result.best_step, result.best_val_loss = self.best_step, self.best_val
+        result.tokens_per_s = tokens / max(self.times["train"], 1e-9)
+        self.result = result
+        return result
+
+    # ------------------------------------------------------------------------------------------------ cleanup
+    def finish(self) -> TrainResult:
+        """Keep the best adapter, save it in PEFT's format, evaluate the tuned model, write the report."""
+        cfg, res = self.cfg, self.result
+        best_dir = self.out / "best_adapter"
+        if self.rank == 0:
+            if self.best_step is not None and best_dir.exists() and self.best_step != self.step:
+                tensors, _ = ad.read_adapter(best_dir)
+                self.log(f"keeping the adapter of step {self.best_step} (best validation loss {self.best_val:.4f})")
+            else:
+                tensors = self._adapter_tensors()
+            res.adapter_dir = ad.write_adapter(self.out / "adapter", tensors, self._adapter_config())
+        self._barrier()
+        if self.rank != 0:
+            return res
+        if self.patched is not None:
+            from sftfuse.patch.patcher import unpatch_model
+
+            unpatch_model(self.model)
+        ad.load_adapter_tensors(self.model, {k: v.to(self.dtype) for k, v in tensors.items()})
+        ad.merge_lora_(self.model, dtype=self.dtype)  # the tuned model, dense: fast generation
+        self.model.config.use_cache = True
+        self.model.eval()
+        t0 = time.perf_counter()
+        if self.test_rows:
+            self.log("evaluating the tuned model on the test split ...")
+            res.before = self.before
+            res.after = ev.task_eval(self.model, self.tok, self.test_rows, max_new_tokens=cfg.max_new_tokens,
+                                     batch_size=cfg.gen_batch_size)
+        if cfg.probe and self.probe_answers:
+            tuned = ev.answer_nll(self.model, self.tok, self.probe_prompts, self.probe_answers)
+            res.probe = ev.probe_summary(self.probe_base_nll, tuned)
+        self.times["eval"] += time.perf_counter() - t0
+        metrics = self._read_metrics()
+        png = ev.plot_losses(metrics, self.out / "loss_curve.png")
+        train_losses = [m["loss"] for m in metrics if "loss" in m]
+        run = {"model": self.model_name, "dtype": str(self.dtype).replace("torch.", ""), "world_size": self.world,
+               "device": str(self.device), "steps": self.step, "planned_steps": self.total_steps,
+               "stopped_early": res.stopped_early, "final_loss": train_losses[-1] if train_losses else None,
+               "best_val_loss": self.best_val, "best_step": self.best_step, "tokens_per_s": res.tokens_per_s,
+               "train_tokens": self.train_tokens, "train_seconds": self.times["train"],
+               "peak_memory": peak_memory(self.device), "wall_seconds": time.perf_counter() - self.t_start,
+               "load_seconds": self.times["load"], "eval_seconds": self.times["eval"],
+               "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads()}
+        res.report_path = ev.write_report(self.out / "report.md", cfg=cfg.to_dict(), data_md=self.data_md,
+                                          before=self.before, after=res.after, probe=res.probe, run=run,
+                                          loss_png=png.name if png else None)
+        summary = {"run": run, "before": _strip(self.before), "after": _strip(res.after), "probe": res.probe}
+        (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._print_summary(res, run)
+        return res
+
+    def _print_summary(self, res: TrainResult, run: dict) -> None:
+        if self.quiet:
+            return
+        lines = ["", (f"sftfuse train: {run['steps']} steps in {run['train_seconds']:.0f} s "
+                 f"({run['tokens_per_s']:.0f} tokens/s), {run['wall_seconds']:.0f} s in all; {run['peak_memory']}")]
+        if res.before or res.after:
+            lines.append(ev.accuracy_table(res.before, res.after))
+        if res.probe:
+            lines.append(f"forgetting probe: NLL of the base model's own answers {res.probe['base_nll']:.3f} -> "
+                         f"{res.probe['tuned_nll']:.3f} ({100 * res.probe['relative_change']:+.1f}%)")
+        lines.append(f"adapter: {res.adapter_dir}  report: {res.report_path}")
+        print("\n".join(lines), flush=True)
+
+    def cleanup(self) -> None:
+        if getattr(self, "world", 1) > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _strip(evald: dict | None) -> dict | None:
+    return None if evald is None else {k: v for k, v in evald.items() if k != "predictions"}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Run one SFT job end to end (setup, train, final evaluation and report). Returns the TrainResult."""
+    t = Trainer(cfg, resume=resume, quiet=quiet)
+    try:
+        t.setup()
+        t.train()
+        return t.finish()
+    finally:
+        t.cleanup()
