@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -64,3 +65,23 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.
     if choice == "fp32" or fp32_gemm_is_faster(dtype):
         return torch.float32
     return dtype
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16) and torch computes a bf16 matmul right.
+
+    This says whether bf16 is native here (the trainer's 'auto' compute dtype); whether a bf16 GEMM is also the
+    faster one is `fp32_gemm_is_faster`.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    try:
+        a = torch.ones(8, 8, dtype=torch.bfloat16)
+        return bool((a @ a)[0, 0] == 8)
+    except RuntimeError:
+        return False

@@ -24,11 +24,6 @@ from sftfuse.modules.linear import NF4Linear, nf4_from_state_dict
 _QS = ".weight.quant_state.bitsandbytes__nf4"
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, child = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
-
-
 def _skipped(name: str, skip) -> bool:
     return any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)
 
@@ -47,10 +42,9 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)
              and m.weight.data_ptr() not in tied]
     for name in names:
-        parent, child = _parent(model, name)
-        linear = getattr(parent, child)
-        setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
-                                                     compute_dtype=compute_dtype))
+        linear = model.get_submodule(name)
+        model.set_submodule(name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                                        compute_dtype=compute_dtype))
         # release the 16-bit storage now, even if something else still holds the old module
         linear.weight.data = torch.empty(0, dtype=linear.weight.dtype, device=linear.weight.device)
         if linear.bias is not None:
@@ -75,8 +69,7 @@ def load_nf4_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *
         if q.shape != tuple(module.weight.shape):
             raise ValueError(f"{name}: checkpoint shape {q.shape} != module weight {tuple(module.weight.shape)}")
         bias = None if module.bias is None else torch.zeros_like(module.bias, dtype=compute_dtype)
-        parent, child = _parent(model, name)
-        setattr(parent, child, NF4Linear.from_quant(q, bias, compute_dtype=compute_dtype))
+        model.set_submodule(name, NF4Linear.from_quant(q, bias, compute_dtype=compute_dtype))
     return model.load_state_dict(state_dict, strict=strict)
 
 

@@ -7,13 +7,14 @@ final-logit softcap (Gemma-2: `tanh(z / c) * c`) and a constant logit scale (Coh
 those constants; `Family.softcap(config)` and `Family.logit_scale(config)` read them.
 
 Supporting a new family is one row here plus its tiny config in `sftfuse.train.models` and a pass of
-tests/test_patcher.py. A family missing from the table still gets its LoRA and 4-bit linears swapped (those are
+tests/patch/test_patcher.py. A family missing from the table still gets its LoRA and 4-bit linears swapped (those are
 generic); only the loss swap needs the row, because an unknown family might transform its logits in a way the
 fused loss would not reproduce.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 
@@ -46,6 +47,11 @@ class Family:
     mlp_class: str | None = None
     attn_class: str | None = None
 
+    @property
+    def modeling_module(self) -> str:
+        """The transformers module that defines the family's classes."""
+        return f"transformers.models.{self.model_type}.modeling_{self.model_type}"
+
     def softcap(self, config) -> float | None:
         """The final-logit softcap of `config`, or None when the family has none or it is switched off."""
         value = getattr(config, self.softcap_key, None) if self.softcap_key else None
@@ -59,7 +65,7 @@ class Family:
         return 1.0 / float(value) if self.logit_scale_divides else float(value)
 
 
-# Supported and tested (tests/test_patcher.py runs every row on its tiny config). SmolLM2 is a Llama.
+# Supported and tested (tests/patch/test_patcher.py runs every row on its tiny config). SmolLM2 is a Llama.
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -79,8 +85,17 @@ def family_of(model) -> Family | None:
     return FAMILIES.get(getattr(config, "model_type", None))
 
 
-# Class name -> rule, and the gated-MLP and attention class names, over every family: the patcher matches these
-# modules by class.
-NORM_RULES: dict[str, str] = {f.norm_class: f.norm_rule for f in FAMILIES.values() if f.norm_class}
-MLP_CLASSES: frozenset[str] = frozenset(f.mlp_class for f in FAMILIES.values() if f.mlp_class)
-ATTN_CLASSES: frozenset[str] = frozenset(f.attn_class for f in FAMILIES.values() if f.attn_class)
+def loaded_classes(module_name: str, *names: str) -> tuple[type, ...]:
+    """The classes `names` of `module_name` if that module is already imported, else (): a model that holds an
+    instance of one has imported its module, so matching by `isinstance` never needs to import a library."""
+    mod = sys.modules.get(module_name)
+    return tuple(c for n in names if isinstance(c := getattr(mod, n, None), type)) if mod is not None else ()
+
+
+def family_class_of(module, attr: str) -> Family | None:
+    """The family whose `attr` class ("norm_class", "mlp_class" or "attn_class") `module` is an instance of."""
+    for f in FAMILIES.values():
+        name = getattr(f, attr)
+        if name and isinstance(module, loaded_classes(f.modeling_module, name)):
+            return f
+    return None

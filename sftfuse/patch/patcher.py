@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftfuse.patch.families import FAMILIES, Family, family_of
+from sftfuse.patch.families import FAMILIES, Family, family_of, loaded_classes
 from sftfuse.patch.swaps import SWAPS, Swap
 
 _RECORD = "_sftfuse_forward"  # instance attribute: the _Forward we installed (present while patched)
@@ -165,7 +165,8 @@ def _check_loss(model, strict: bool) -> str | None:
         return msg
     head = getattr(model, family.lm_head, None)
     # isinstance, not type(): FSDP2 swaps the class for a subclass. bitsandbytes' linears subclass nn.Linear too.
-    if not isinstance(head, nn.Linear) or type(head).__module__.startswith("bitsandbytes"):
+    if not isinstance(head, nn.Linear) or isinstance(head, loaded_classes("bitsandbytes.nn.modules", "Linear4bit",
+                                                                          "Linear8bitLt")):
         return f"{family.lm_head} is a {type(head).__name__}, not a 16/32-bit nn.Linear"
     if not isinstance(getattr(model, family.decoder, None), nn.Module):
         return f"no decoder module at .{family.decoder}"
@@ -288,8 +289,7 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
             for sub, head, op in _patch_loss(module):
                 report.swapped.append(PatchEntry(f"{name}.{sub}" if name else sub, swap.kind, type(head).__name__, op))
         elif swap.impl is not None:
-            _install(module, swap.impl, {"recompute": {True: "auto", "recompute": True, "save": False}.get(mlp, "auto")}
-                     if swap.kind == "mlp" else None)
+            _install(module, swap.impl, swap.state(module, {"mlp": mlp}) if swap.state else None)
     return report
 
 

@@ -13,19 +13,30 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sftfuse.patch.families import ATTN_CLASSES, MLP_CLASSES, NORM_RULES
+from sftfuse.patch.families import family_class_of, loaded_classes
 
 # =============================================================================================================
 # 4-bit bases: bitsandbytes Linear4bit and sftfuse NF4Linear
 # =============================================================================================================
 
 
+# Every module is matched by class (isinstance); a library's classes are looked up only once it is imported.
+
+
 def _is_bnb_4bit(module: nn.Module) -> bool:
-    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+    return isinstance(module, loaded_classes("bitsandbytes.nn.modules", "Linear4bit"))
 
 
-def _is_sftfuse_module(module: nn.Module, name: str) -> bool:
-    return type(module).__name__ == name and type(module).__module__ == "sftfuse.modules.linear"
+def _is_nf4_linear(module: nn.Module) -> bool:
+    from sftfuse.modules.linear import NF4Linear
+
+    return isinstance(module, NF4Linear)
+
+
+def _is_lora_linear(module: nn.Module) -> bool:
+    from sftfuse.modules.linear import LoRALinear
+
+    return isinstance(module, LoRALinear)
 
 
 def _bnb_nf4_weight(module: nn.Module):
@@ -60,8 +71,8 @@ def _nf4_forward(module, original, state, x, *args, **kwargs):
 
 
 def _is_peft_lora_linear(module: nn.Module) -> bool:
-    return (type(module).__module__.startswith("peft.tuners.lora") and type(module).__name__ in ("Linear", "Linear4bit")
-            and hasattr(module, "lora_A") and hasattr(module, "get_base_layer"))
+    classes = loaded_classes("peft.tuners.lora.layer", "Linear") + loaded_classes("peft.tuners.lora.bnb", "Linear4bit")
+    return isinstance(module, classes) and hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
 def _check_lora(module: nn.Module) -> str | None:
@@ -82,7 +93,7 @@ def _check_lora(module: nn.Module) -> str | None:
         return "fan_in_fan_out (Conv1D) base"
     if _is_bnb_4bit(base):
         return _check_nf4(base)
-    if type(base) is not nn.Linear and not _is_sftfuse_module(base, "NF4Linear"):
+    if type(base) is not nn.Linear and not _is_nf4_linear(base):
         return f"base layer {type(base).__name__} is not an nn.Linear, NF4 Linear4bit or NF4Linear"
     return None
 
@@ -90,7 +101,7 @@ def _check_lora(module: nn.Module) -> str | None:
 def _lora_parts(module: nn.Module):
     """(base weight or NF4Weight, lora_A, lora_B, scaling, bias, dropout p, compute dtype) of a PEFT LoRA linear
     that passes `_check_lora`, or of an sftfuse LoRALinear."""
-    if _is_sftfuse_module(module, "LoRALinear"):
+    if _is_lora_linear(module):
         base = module.base_layer
         nf4 = hasattr(base, "quant")
         return (module._base(), module.lora_A, module.lora_B, module.scaling, base.bias, module.lora_dropout,
@@ -99,7 +110,7 @@ def _lora_parts(module: nn.Module):
     base = module.get_base_layer()
     if _is_bnb_4bit(base):
         weight, compute = _bnb_nf4_weight(base), None
-    elif _is_sftfuse_module(base, "NF4Linear"):
+    elif _is_nf4_linear(base):
         weight, compute = base.quant, base.compute_dtype
     else:
         weight, compute = base.weight, base.weight.dtype
@@ -130,7 +141,7 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def _is_gated_mlp(module: nn.Module) -> bool:
-    return type(module).__name__ in MLP_CLASSES and all(hasattr(module, n) for n in (*_PROJ, "act_fn"))
+    return family_class_of(module, "mlp_class") is not None and all(hasattr(module, n) for n in (*_PROJ, "act_fn"))
 
 
 def _mlp_parts(module: nn.Module) -> tuple[str | None, list]:
@@ -146,7 +157,7 @@ def _mlp_parts(module: nn.Module) -> tuple[str | None, list]:
             reason = _check_lora(proj)
             if reason is not None:
                 return f"{name}: {reason}", []
-        elif not _is_sftfuse_module(proj, "LoRALinear"):
+        elif not _is_lora_linear(proj):
             return f"{name} is a {type(proj).__name__}, not a LoRA linear", []
         parts.append(_lora_parts(proj))
         if parts[-1][4] is not None:
@@ -182,7 +193,8 @@ def _mlp_forward(module, original, state, x, *args, **kwargs):
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
-    return type(module).__name__ in NORM_RULES and isinstance(getattr(module, "weight", None), torch.Tensor)
+    return family_class_of(module, "norm_class") is not None and isinstance(getattr(module, "weight", None),
+                                                                             torch.Tensor)
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -203,7 +215,7 @@ def _norm_forward(module, original, state, x, *args, **kwargs):
         return original(x, *args, **kwargs)
     from sftfuse.ops import rms_norm as norm_op
 
-    return norm_op.rms_norm(x, module.weight, _norm_eps(module), NORM_RULES[type(module).__name__])
+    return norm_op.rms_norm(x, module.weight, _norm_eps(module), state["rule"])
 
 
 class _WideSdpa(TorchFunctionMode):
@@ -219,7 +231,7 @@ class _WideSdpa(TorchFunctionMode):
 
 
 def _is_attention(module: nn.Module) -> bool:
-    return type(module).__name__ in ATTN_CLASSES
+    return family_class_of(module, "attn_class") is not None
 
 
 def _check_attention(module: nn.Module) -> str | None:
@@ -251,16 +263,19 @@ class Swap:
     check: Callable[[nn.Module, bool], str | None]  # (module, strict) -> reason to leave it alone, or None
     impl: Callable | None  # per-instance forward; None: native sftfuse module, nothing to swap
     op: str
+    state: Callable[[nn.Module, dict], dict] | None = None  # (module, patch_model's options) -> the impl's state
 
 
 # Tried in order; the first row whose match accepts a module decides for it (these matchers do not overlap).
 SWAPS = (
-    Swap("mlp", _is_gated_mlp, lambda m, strict: _check_mlp(m), _mlp_forward, "lora_mlp"),
-    Swap("rms_norm", _is_rms_norm, lambda m, strict: _check_norm(m), _norm_forward, "rms_norm"),
+    Swap("mlp", _is_gated_mlp, lambda m, strict: _check_mlp(m), _mlp_forward, "lora_mlp",
+         lambda m, opts: {"recompute": {"recompute": True, "save": False}.get(opts["mlp"], "auto")}),
+    Swap("rms_norm", _is_rms_norm, lambda m, strict: _check_norm(m), _norm_forward, "rms_norm",
+         lambda m, opts: {"rule": family_class_of(m, "norm_class").norm_rule}),
     Swap("attention", _is_attention, lambda m, strict: _check_attention(m), _attention_forward,
          "scaled_dot_product_attention (fp32 on CPU)"),
     Swap("lora", _is_peft_lora_linear, lambda m, strict: _check_lora(m), _lora_forward, "lora_linear"),
-    Swap("lora", lambda m: _is_sftfuse_module(m, "LoRALinear"), lambda m, s: None, None, "lora_linear (native)"),
+    Swap("lora", _is_lora_linear, lambda m, s: None, None, "lora_linear (native)"),
     Swap("nf4", _is_bnb_4bit, lambda m, strict: _check_nf4(m), _nf4_forward, "nf4_matmul"),
-    Swap("nf4", lambda m: _is_sftfuse_module(m, "NF4Linear"), lambda m, s: None, None, "nf4_matmul (native)"),
+    Swap("nf4", _is_nf4_linear, lambda m, s: None, None, "nf4_matmul (native)"),
 )

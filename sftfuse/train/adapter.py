@@ -39,12 +39,6 @@ def _nf4_cls():
     return NF4Linear
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-
-
 def inject_lora(model: nn.Module, *, target_modules, r: int = 16, lora_alpha: float = 32.0,
                 lora_dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
     """Freeze `model` and wrap each targeted linear leaf in a LoRALinear. Returns the wrapped module paths.
@@ -62,8 +56,8 @@ def inject_lora(model: nn.Module, *, target_modules, r: int = 16, lora_alpha: fl
         raise ValueError(f"target_modules={sorted(targets)}: no linear layer of the model has one of these names")
     for name in names:
         base = model.get_submodule(name)
-        _set_child(model, name, lora_cls.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                     use_rslora=use_rslora))
+        model.set_submodule(name, lora_cls.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                       use_rslora=use_rslora))
     return names
 
 
@@ -85,7 +79,7 @@ def adapter_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) ->
 
 def peft_config(*, r: int, lora_alpha: float, lora_dropout: float, target_modules, use_rslora: bool,
                 base_model: str | None) -> dict:
-    """The fields PEFT's LoraConfig reads back (FACTS.md, peft 0.21)."""
+    """The fields PEFT's LoraConfig reads back (peft 0.21; tests/train/test_trainer.py loads them with PEFT)."""
     alpha = int(lora_alpha) if float(lora_alpha).is_integer() else float(lora_alpha)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": alpha,
             "lora_dropout": float(lora_dropout), "target_modules": sorted(set(target_modules)), "bias": "none",
@@ -178,11 +172,11 @@ def merge_lora_(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Mod
         w = _dense_weight(base).float() + mod.scaling * (mod.lora_B.float() @ mod.lora_A.float())
         bias = getattr(base, "bias", None)
         out_dtype = dtype or getattr(base, "compute_dtype", None) or base.weight.dtype
-        _set_child(model, name, _linear_like(w, bias, out_dtype))
+        model.set_submodule(name, _linear_like(w, bias, out_dtype))
     if nf4:
         for name, mod in list(model.named_modules()):
             if isinstance(mod, nf4):
-                _set_child(model, name, _linear_like(mod.dequantize(), mod.bias, dtype or mod.compute_dtype))
+                model.set_submodule(name, _linear_like(mod.dequantize(), mod.bias, dtype or mod.compute_dtype))
     return model
 
 
@@ -208,7 +202,7 @@ def merge_tensors_into_(model: nn.Module, tensors: dict[str, torch.Tensor], conf
 
 def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None) -> Path:
     """`sftfuse merge`: load the adapter's base model, fold the adapter in, save safetensors + tokenizer."""
-    from sftfuse.train.trainer import load_model_and_tokenizer
+    from sftfuse.train.models import load_model_and_tokenizer
 
     tensors, config = read_adapter(adapter_dir)
     src = base_model or config.get("base_model_name_or_path")

@@ -73,7 +73,7 @@ def _data_check(args) -> int:
     else:
         tok = data.default_tokenizer()
     examples = data.tokenize_rows(rowset.rows, tok, max_length=args.max_length, fmt=rowset.fmt)
-    report = data.quality_report(rowset, examples, tok, max_length=args.max_length, val_rows=val)
+    report = data.quality_report(rowset, examples, max_length=args.max_length, val_rows=val)
     print(report.to_markdown())
     for line in rowset.errors:
         print(f"skipped: {line}")

@@ -46,7 +46,7 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))  # leaf names of linear layers
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     qlora: bool = True  # quantize the frozen base to NF4 (double quantization) before adding adapters
-    patch: bool = True  # swap in sftfuse's fused loss / LoRA / NF4 kernels via patch_model
+    patch: bool = True  # patch_model: fused loss, LoRA and NF4 linears, gated MLP, RMSNorm and attention
 
     # -- optimisation -------------------------------------------------------------------------------------------
     batch_size: int = 4  # rows per micro-batch (per process)

@@ -212,7 +212,7 @@ def _chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, i
     return full, spans
 
 
-def _tokenize_one(row: dict, tokenizer, fmt: str) -> tuple[list[int], list[int]]:
+def _tokenize_one(row: dict, tokenizer) -> tuple[list[int], list[int]]:
     eos_id = tokenizer.eos_token_id
     if "messages" in row:
         full, spans = _chat_spans(row["messages"], tokenizer)
@@ -260,7 +260,7 @@ def tokenize_rows(rows: list[dict], tokenizer, *, max_length: int, fmt: str) -> 
         raise ValueError("tokenizer has no chat template: chat rows need one (or use prompt/completion rows)")
     out = []
     for row in rows:
-        ids, labels = _tokenize_one(row, tokenizer, fmt)
+        ids, labels = _tokenize_one(row, tokenizer)
         n = len(ids)
         first_resp = next((t for t, lab in enumerate(labels) if lab != -100), None)
         lost = sum(lab != -100 for lab in labels[max_length:])

@@ -129,13 +129,12 @@ class DataReport:
         return "\n".join(out) + "\n"
 
 
-def quality_report(rowset, examples: list[dict], tokenizer=None, *, max_length: int, val_rows=None) -> DataReport:
+def quality_report(rowset, examples: list[dict], *, max_length: int, val_rows=None) -> DataReport:
     """Count data problems in `rowset` (a RowSet) given its tokenized `examples` (from tokenize_rows).
 
     Args:
         rowset: the training RowSet (its rows, fmt, path, skipped).
         examples: tokenize_rows(rowset.rows, ...) with the same max_length.
-        tokenizer: unused beyond the examples; kept for the interface.
         max_length: the truncation length the examples were made with.
         val_rows: a validation RowSet or list of normalized rows, to count train/validation overlap.
     """

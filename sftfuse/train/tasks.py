@@ -107,15 +107,3 @@ def score(family: str, prediction: str, row: dict) -> bool:
     if not isinstance(prediction, str):
         raise TypeError(f"prediction: expected str, got {type(prediction).__name__}")
     return _CHECKERS[family](prediction, str(row["answer"]))
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """The chat to generate from for a test row: its messages up to (not including) the last assistant turn."""
-    msgs = row["messages"]
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-    return [dict(m) for m in msgs[:last]]
-
-
-def build_eval_prompt(row: dict, tokenizer) -> str:
-    """The rendered generation prompt of a test row (the tokenizer's chat template, generation prompt added)."""
-    return tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)

@@ -1,4 +1,4 @@
-"""The SFT engine behind `sftfuse train`: one recipe with explicit setup / train / cleanup.
+"""The SFT recipe behind `sftfuse train`: setup / train / save_checkpoint / finish / cleanup, as torchtune's read.
 
 setup:   load the model (HF directory, hub id, GGUF file, or the bundled SmolLM2-135M-Instruct) and the data;
          print and save the data-quality report; evaluate the base model on the test split and let it answer the
@@ -10,9 +10,11 @@ train:   steps of `grad_accum` micro-batches. The loss of a step is the sum of t
          so accumulation and DDP give the loss of one big batch. Validation loss at intervals, with early stopping
          on patience keeping the best adapter; checkpoints at intervals, written to a temporary directory and
          renamed, holding the adapter, the optimizer, the scheduler, every RNG and the data position, so that
-         `--resume` reproduces the losses of an uninterrupted run and a SIGKILL never leaves a half checkpoint.
-cleanup: keep the best adapter, write it in PEFT's format, merge it into a dense copy for the after-evaluation
-         and the probe, write the loss curve, metrics and report.md, and tear down the process group.
+         `--resume` reproduces the losses of an uninterrupted run and a SIGKILL never leaves a half checkpoint
+         (`save_checkpoint`; the I/O is `sftfuse.train.checkpoint`'s).
+finish:  keep the best adapter, write it in PEFT's format, merge it into a dense copy for the after-evaluation
+         and the probe, write the loss curve, metrics and report.md (`sftfuse.train.report`).
+cleanup: tear down the process group.
 
 Under `torchrun` every process runs the same CLI; gradients are averaged by DDP (gloo on CPU, NCCL on GPU),
 rank 0 writes files and runs the evaluations.
@@ -25,8 +27,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,70 +35,16 @@ from pathlib import Path
 import torch
 
 from sftfuse.train import adapter as ad
+from sftfuse.train import checkpoint as ck
 from sftfuse.train import evaluation as ev
+from sftfuse.train import report as rp
 from sftfuse.train.config import TrainConfig
-
-CKPT_RE = re.compile(r"^step-(\d+)$")
+from sftfuse.train.device import barrier, init_distributed, peak_memory, resolve_dtype
+from sftfuse.train.models import load_model_and_tokenizer
+from sftfuse.train.run_data import RunData
 
 
 # ======================================================================================================= helpers
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name != "auto":
-        return table[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:  # without native bf16 the CPU emulates it, slower than fp32
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    if native:
-        try:
-            a = torch.ones(8, 8, dtype=torch.bfloat16)
-            native = bool((a @ a)[0, 0] == 8)
-        except RuntimeError:
-            native = False
-    return torch.bfloat16 if native else torch.float32
-
-
-def load_model_and_tokenizer(path: str | None, *, dtype: torch.dtype = torch.float32):
-    """The bundled default (None), a GGUF file, or an HF directory / hub id. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sftfuse.train.models import clear_gguf_flags, load_default_model
-
-    if path is None:
-        model, tok = load_default_model(dtype=dtype)
-    elif str(path).endswith(".gguf"):
-        p = Path(path)
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
-        clear_gguf_flags(model)
-        model = model.to(dtype)
-    else:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (max allocated)"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return f"{int(line.split()[1]) / 2**20:.2f} GiB RSS (process high-water mark)"
-    except OSError:
-        pass
-    import resource
-
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
-
-
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
     warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -110,39 +56,6 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        st["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    if "numpy" in st:
-        import numpy as np
-
-        np.random.set_state(st["numpy"])
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint: `step-N` directories only (temporary `.tmp-*` ones are ignored)."""
-    if not ckpt_root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()
-             and (p / "state.json").exists()]
-    return max(found)[1] if found else None
 
 
 @dataclass
@@ -164,7 +77,8 @@ class TrainResult:
 
 # ======================================================================================================= trainer
 class Trainer:
-    """One SFT run. Use `train(cfg)` unless you need the pieces: `setup()`, `train()`, `cleanup()`."""
+    """One SFT run. Use `train(cfg)` unless you need the pieces: `setup()`, `train()`, `finish()` (the best adapter,
+    the tuned model's evaluation and the report), `cleanup()`; `save_checkpoint()` runs at `checkpoint_interval`."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, quiet: bool = False):
         self.cfg = cfg.validate()
@@ -172,6 +86,7 @@ class Trainer:
         self.quiet = quiet
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.metrics = rp.MetricsLog(self.out / "metrics.jsonl")
         self.t_start = time.perf_counter()
         self.cpu_start = time.process_time()
         self.times = {"load": 0.0, "eval": 0.0, "train": 0.0}
@@ -181,38 +96,25 @@ class Trainer:
         if self.rank == 0 and not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    def _init_distributed(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
     def _barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+        barrier(self.world)
 
     def setup(self) -> None:
         cfg = self.cfg
-        self._init_distributed()
+        self.world, self.rank, self.device = init_distributed()
+        self.metrics.enabled = self.rank == 0
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            for p in self.ckpt_root.glob(".tmp-*") if self.ckpt_root.is_dir() else []:
-                shutil.rmtree(p, ignore_errors=True)  # debris of a killed run
+            ck.clean_temporaries(self.ckpt_root)  # debris of a killed run
         self._barrier()
-        self.ckpt = latest_checkpoint(self.ckpt_root) if self.resume else None
+        self.ckpt = ck.latest_checkpoint(self.ckpt_root) if self.resume else None
         if self.resume and self.ckpt is None:
             self.log(f"--resume: no checkpoint under {self.ckpt_root}; starting from scratch")
 
-        self._read_data()  # before the model: a bad row fails in a second, not after a load
+        self.run_data = RunData(cfg)  # before the model: a bad row fails in a second, not after a load
         t0 = time.perf_counter()
         self.model, self.tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
         self.model.to(self.device)
@@ -220,54 +122,16 @@ class Trainer:
         self.times["load"] = time.perf_counter() - t0
         self.log(f"loaded {self.model_name} in {self.times['load']:.1f} s; compute dtype {self.dtype}, "
                  f"{self.world} process(es) on {self.device}")
-        self._setup_data()
+        self.data_md = self.run_data.tokenize(self.tok, self.out if self.rank == 0 else None, self.log)
         self.model.to(self.dtype)
         self._evaluate_base()
-        self._build_train_rows()
+        self.total_steps = self.run_data.build_train_rows(self.tok, probe_texts=self._probe_user_texts(),
+                                                          probe_answers=self.probe_answers, world=self.world,
+                                                          log=self.log)
         self._setup_model()
         self._setup_optimizer()
         if self.ckpt is not None:
             self._load_checkpoint(self.ckpt)
-
-    def _read_data(self) -> None:
-        from sftfuse.train import data
-
-        cfg = self.cfg
-        bundled = cfg.train_file is None
-        train_path = cfg.train_file or data.bundled_path("train")
-        val_path = cfg.validation_file or (data.bundled_path("validation") if bundled else None)
-        test_path = cfg.test_file or (data.bundled_path("test") if bundled else None)
-        read = lambda p: data.read_rows(p, fmt=cfg.data_format, skip_bad_rows=cfg.skip_bad_rows)  # noqa: E731
-        self.train_set = read(train_path)
-        self.val_set = read(val_path) if val_path else None
-        self.test_set = read(test_path) if test_path and cfg.task_eval else None
-
-    def _setup_data(self) -> None:
-        from sftfuse.train import data
-
-        cfg = self.cfg
-        self.train_examples = data.tokenize_rows(self.train_set.rows, self.tok, max_length=cfg.max_length,
-                                                 fmt=self.train_set.fmt)
-        self.val_rows: list[dict] = []
-        val_set = self.val_set
-        if val_set is not None:
-            ex = data.tokenize_rows(val_set.rows, self.tok, max_length=cfg.max_length, fmt=val_set.fmt)
-            ex = [e for e in ex if any(lab != -100 for lab in e["labels"][1:])]
-            rows = data.pack(ex, max_length=cfg.max_length) if cfg.packing else ex
-            self.val_rows = rows[:cfg.max_eval_rows] if cfg.max_eval_rows else rows
-        self.test_rows = []
-        if self.test_set is not None:
-            self.test_rows = self.test_set.rows
-            if cfg.max_test_rows:
-                self.test_rows = self.test_rows[:cfg.max_test_rows]
-        report = data.quality_report(self.train_set, self.train_examples, self.tok, max_length=cfg.max_length,
-                                     val_rows=val_set.rows if val_set else None)
-        self.data_md = report.to_markdown()
-        if self.rank == 0:
-            (self.out / "data_report.md").write_text(self.data_md + "\n")
-            (self.out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-            for line in report.summary_lines():
-                self.log(line)
 
     def _evaluate_base(self) -> None:
         """Test-split accuracy and probe answers of the base model (cached in the output dir for --resume)."""
@@ -280,10 +144,10 @@ class Trainer:
             self.before, self.probe_prompts = saved["before"], saved["probe_prompts"]
             self.probe_answers, self.probe_base_nll = saved["probe_answers"], saved["probe_base_nll"]
         elif self.rank == 0:
-            if self.test_rows:
-                self.log(f"evaluating the base model on {len(self.test_rows)} test rows ...")
-                self.before = ev.task_eval(self.model, self.tok, self.test_rows, max_new_tokens=cfg.max_new_tokens,
-                                           batch_size=cfg.gen_batch_size)
+            if self.run_data.test_rows:
+                self.log(f"evaluating the base model on {len(self.run_data.test_rows)} test rows ...")
+                self.before = ev.task_eval(self.model, self.tok, self.run_data.test_rows,
+                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
                 self.log(f"base model: mean accuracy over families {100 * self.before['mean_acc']:.1f}%")
             if cfg.probe or cfg.replay_ratio > 0:
                 from sftfuse.train import data
@@ -306,28 +170,9 @@ class Trainer:
             self.probe_prompts, self.probe_answers = box
         self.times["eval"] += time.perf_counter() - t0
 
-    def _build_train_rows(self) -> None:
-        from sftfuse.train import data
-
-        cfg = self.cfg
-        examples = [e for e in self.train_examples if any(lab != -100 for lab in e["labels"][1:])]
-        if cfg.replay_ratio > 0 and self.probe_answers:
-            # Replay: the base model's own answers, learnt like demonstrations, pull the model back to itself.
-            n = round(cfg.replay_ratio * len(examples))
-            msgs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-                    for p, a in zip(self._probe_user_texts(), self.probe_answers, strict=False) if a]
-            rows = [{"messages": msgs[i % len(msgs)]} for i in range(n)] if msgs else []
-            examples += data.tokenize_rows(rows, self.tok, max_length=cfg.max_length, fmt="messages")
-            self.log(f"replay: {len(rows)} base-model answers mixed into {len(examples) - len(rows)} examples")
-        if not examples:
-            raise ValueError("no training example has a response token: check the data format and max_length")
-        self.train_rows = data.pack(examples, max_length=cfg.max_length) if cfg.packing else examples
-        per_step = cfg.batch_size * cfg.grad_accum * self.world
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_rows) / per_step))
-        self.log(f"train: {len(examples)} examples -> {len(self.train_rows)} rows of <= {cfg.max_length} tokens; "
-                 f"{self.total_steps} steps of {per_step} rows")
-
     def _probe_user_texts(self) -> list[str]:
+        if not (self.cfg.replay_ratio > 0 and self.probe_answers):
+            return []
         if getattr(self, "probe_raw", None):
             return self.probe_raw
         from sftfuse.train import data
@@ -393,81 +238,24 @@ class Trainer:
                               target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
                               base_model=self.model_name)
 
-    def _save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> None:
         """adapter + optimizer + scheduler + RNG (per process) + data position, to `.tmp-*` then renamed."""
-        from safetensors.torch import save_file
-
-        tmp = None
-        if self.rank == 0:
-            tmp = ad.staging_dir(self.ckpt_root, f".tmp-step-{self.step:06d}-")
-        if self.world > 1:
-            box = [str(tmp) if tmp else None]
-            torch.distributed.broadcast_object_list(box, src=0)
-            tmp = Path(box[0])
-        torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
-        self._barrier()
-        if self.rank == 0:
-            save_file(self._adapter_tensors(), str(tmp / ad.ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            (tmp / ad.ADAPTER_CONFIG).write_text(json.dumps(self._adapter_config(), indent=2))
-            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
-            state = {"step": self.step, "consumed": self.consumed, "best_val": self.best_val,
-                     "best_step": self.best_step, "bad_evals": self.bad_evals, "val_history": self.val_history,
-                     "world_size": self.world, "config": self.cfg.to_dict()}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))  # written last
-            os.replace(tmp, self.ckpt_root / f"step-{self.step:06d}")
-            done = sorted((int(m.group(1)), p) for p in self.ckpt_root.iterdir() if (m := CKPT_RE.match(p.name)))
-            for _, p in done[:-self.cfg.keep_checkpoints] if self.cfg.keep_checkpoints else []:
-                shutil.rmtree(p, ignore_errors=True)
-        self._barrier()
+        state = {"consumed": self.consumed, "best_val": self.best_val, "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "val_history": self.val_history, "config": self.cfg.to_dict()}
+        ck.save_checkpoint(self.ckpt_root, step=self.step, rank=self.rank, world=self.world,
+                           adapter_tensors=self._adapter_tensors, adapter_config=self._adapter_config(),
+                           optimizer=self.opt, scheduler=self.sched, state=state, keep=self.cfg.keep_checkpoints)
 
     def _load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((path / "state.json").read_text())
-        if state["world_size"] != self.world:
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, now {self.world}")
-        tensors = load_file(str(path / ad.ADAPTER_WEIGHTS))
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        with torch.no_grad():
-            for n, m, p in zip(names, self.masters, self.params, strict=False):
-                key = f"{ad.PEFT_PREFIX}{n}.weight"
-                m.copy_(tensors[key])
-                p.copy_(m)
-        opt = torch.load(path / "optim.pt", weights_only=False)
-        self.opt.load_state_dict(opt["optimizer"])
-        self.sched.load_state_dict(opt["scheduler"])
+        state, self._rng_by_rank = ck.load_checkpoint(path, rank=self.rank, world=self.world, model=self.model,
+                                                      masters=self.masters, params=self.params,
+                                                      optimizer=self.opt, scheduler=self.sched)
         self.step, self.consumed = state["step"], state["consumed"]
         self.best_val, self.best_step, self.bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
         self.val_history = [tuple(v) for v in state["val_history"]]
-        self._rng_by_rank = torch.load(path / f"rng-{self.rank}.pt", weights_only=False)
         self.log(f"resumed from {path} (step {self.step})")
 
     # ---------------------------------------------------------------------------------------------- training
-    def _row_index(self, k: int) -> int:
-        """k-th row of the stream: epoch k // n shuffled with its own seed, so any position can be resumed."""
-        n = len(self.train_rows)
-        epoch = k // n
-        if getattr(self, "_perm_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
-        return self._perm[k % n]
-
-    def _step_batches(self) -> list[dict]:
-        """This process's `grad_accum` micro-batches for the next step; advances the data position."""
-        from sftfuse.train import data
-
-        cfg = self.cfg
-        bs = cfg.batch_size
-        out = []
-        for j in range(cfg.grad_accum):
-            start = self.consumed + (j * self.world + self.rank) * bs
-            rows = [self.train_rows[self._row_index(k)] for k in range(start, start + bs)]
-            b = data.collate(rows, pad_id=self.tok.pad_token_id, packed=cfg.packing, mask_dtype=self.dtype)
-            b["n_input_tokens"] = sum(len(r["input_ids"]) for r in rows)
-            out.append(b)
-        self.consumed += bs * cfg.grad_accum * self.world
-        return out
-
     def _forward_loss(self, batch: dict, n_items) -> torch.Tensor:
         model = self.ddp or self.model
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -475,7 +263,9 @@ class Trainer:
 
     def _train_step(self) -> dict:
         cfg = self.cfg
-        batches = self._step_batches()
+        batches = self.run_data.step_batches(self.consumed, world=self.world, rank=self.rank,
+                                         pad_id=self.tok.pad_token_id, mask_dtype=self.dtype)
+        self.consumed += cfg.batch_size * cfg.grad_accum * self.world
         # Count the tokens that carry a loss (labels are shifted inside the model) over the whole step.
         n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
         n_in = sum(b.pop("n_input_tokens") for b in batches)
@@ -517,8 +307,8 @@ class Trainer:
 
         self.model.eval()
         total, count = 0.0, 0
-        for s in range(0, len(self.val_rows), self.cfg.batch_size):
-            b = data.collate(self.val_rows[s:s + self.cfg.batch_size], pad_id=self.tok.pad_token_id,
+        for s in range(0, len(self.run_data.val_rows), self.cfg.batch_size):
+            b = data.collate(self.run_data.val_rows[s:s + self.cfg.batch_size], pad_id=self.tok.pad_token_id,
                              packed=self.cfg.packing, mask_dtype=self.dtype)
             n = int((b["labels"][:, 1:] != -100).sum())
             if n == 0:
@@ -530,35 +320,14 @@ class Trainer:
         self.model.train()
         return total / max(count, 1)
 
-    def _metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
-
-    def _append_metrics(self, rec: dict) -> None:
-        if self.rank == 0:
-            with open(self._metrics_path(), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def _read_metrics(self) -> list[dict]:
-        p = self._metrics_path()
-        if not p.exists():
-            return []
-        out = []
-        for line in p.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill
-                pass
-        return out
-
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         if self.rank == 0:  # keep the metrics of the steps a resumed run does not redo
-            kept = [m for m in self._read_metrics() if m.get("step", 0) <= self.step] if self.ckpt else []
-            self._metrics_path().write_text("".join(json.dumps(m) + "\n" for m in kept))
+            self.metrics.keep_until(self.step if self.ckpt else 0)
         if self._rng_by_rank is not None:
-            set_rng_state(self._rng_by_rank)
+            ck.set_rng_state(self._rng_by_rank)
         result = TrainResult(output_dir=self.out, steps=self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.quiet,
                    desc="train", unit="step", dynamic_ncols=True)
@@ -572,7 +341,7 @@ class Trainer:
             rec["elapsed_s"] = elapsed
             losses.append(rec["loss"])
             last = self.step == self.total_steps
-            if cfg.eval_interval and self.val_rows and (self.step % cfg.eval_interval == 0 or last):
+            if cfg.eval_interval and self.run_data.val_rows and (self.step % cfg.eval_interval == 0 or last):
                 val = self._validation_loss()
                 rec["val_loss"] = val
                 self.val_history.append((self.step, val))
@@ -587,9 +356,9 @@ class Trainer:
                         self.log(f"early stopping at step {self.step}: validation loss has not improved for "
                                  f"{self.bad_evals} evaluations (best {self.best_val:.4f} at step {self.best_step})")
             if self.step % max(cfg.log_every, 1) == 0 or "val_loss" in rec:
-                self._append_metrics(rec)
+                self.metrics.append(rec)
             if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0) and not last and not stopped:
-                self._save_checkpoint()
+                self.save_checkpoint()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                             **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
             bar.update(1)
@@ -627,17 +396,17 @@ class Trainer:
         self.model.config.use_cache = True
         self.model.eval()
         t0 = time.perf_counter()
-        if self.test_rows:
+        if self.run_data.test_rows:
             self.log("evaluating the tuned model on the test split ...")
             res.before = self.before
-            res.after = ev.task_eval(self.model, self.tok, self.test_rows, max_new_tokens=cfg.max_new_tokens,
-                                     batch_size=cfg.gen_batch_size)
+            res.after = ev.task_eval(self.model, self.tok, self.run_data.test_rows,
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
         if cfg.probe and self.probe_answers:
             tuned = ev.answer_nll(self.model, self.tok, self.probe_prompts, self.probe_answers)
             res.probe = ev.probe_summary(self.probe_base_nll, tuned)
         self.times["eval"] += time.perf_counter() - t0
-        metrics = self._read_metrics()
-        png = ev.plot_losses(metrics, self.out / "loss_curve.png")
+        metrics = self.metrics.read()
+        png = rp.plot_losses(metrics, self.out / "loss_curve.png")
         train_losses = [m["loss"] for m in metrics if "loss" in m]
         run = {"model": self.model_name, "dtype": str(self.dtype).replace("torch.", ""), "world_size": self.world,
                "device": str(self.device), "steps": self.step, "planned_steps": self.total_steps,
@@ -647,34 +416,19 @@ class Trainer:
                "peak_memory": peak_memory(self.device), "wall_seconds": time.perf_counter() - self.t_start,
                "load_seconds": self.times["load"], "eval_seconds": self.times["eval"],
                "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads()}
-        res.report_path = ev.write_report(self.out / "report.md", cfg=cfg.to_dict(), data_md=self.data_md,
+        res.report_path = rp.write_report(self.out / "report.md", cfg=cfg.to_dict(), data_md=self.data_md,
                                           before=self.before, after=res.after, probe=res.probe, run=run,
                                           loss_png=png.name if png else None)
-        summary = {"run": run, "before": _strip(self.before), "after": _strip(res.after), "probe": res.probe}
+        summary = {"run": run, "before": rp.strip_predictions(self.before), "after": rp.strip_predictions(res.after),
+                   "probe": res.probe}
         (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._print_summary(res, run)
+        if not self.quiet:
+            print(rp.summary_text(run, res.before, res.after, res.probe, res.adapter_dir, res.report_path), flush=True)
         return res
-
-    def _print_summary(self, res: TrainResult, run: dict) -> None:
-        if self.quiet:
-            return
-        lines = ["", (f"sftfuse train: {run['steps']} steps in {run['train_seconds']:.0f} s "
-                 f"({run['tokens_per_s']:.0f} tokens/s), {run['wall_seconds']:.0f} s in all; {run['peak_memory']}")]
-        if res.before or res.after:
-            lines.append(ev.accuracy_table(res.before, res.after))
-        if res.probe:
-            lines.append(f"forgetting probe: NLL of the base model's own answers {res.probe['base_nll']:.3f} -> "
-                         f"{res.probe['tuned_nll']:.3f} ({100 * res.probe['relative_change']:+.1f}%)")
-        lines.append(f"adapter: {res.adapter_dir}  report: {res.report_path}")
-        print("\n".join(lines), flush=True)
 
     def cleanup(self) -> None:
         if getattr(self, "world", 1) > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _strip(evald: dict | None) -> dict | None:
-    return None if evald is None else {k: v for k, v in evald.items() if k != "predictions"}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:

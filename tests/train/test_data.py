@@ -293,7 +293,7 @@ def test_quality_report_counts_on_crafted_file(tmp_path, tok):
     rs = data.read_rows(path, skip_bad_rows=True)
     ex = data.tokenize_rows(rs.rows, tok, max_length=64, fmt=rs.fmt)
     val = [chat("WHAT is 2+2", "4"), chat("Fine", "different"), chat("new", "row")]
-    rep = data.quality_report(rs, ex, tok, max_length=64, val_rows=val)
+    rep = data.quality_report(rs, ex, max_length=64, val_rows=val)
     lost = ex[6]["n_response_lost"] + ex[7]["n_response_lost"]
     assert lost > 0 and ex[7]["n_response_lost"] == 6  # "short" + EOS, all beyond the cut
     d = rep.to_dict()

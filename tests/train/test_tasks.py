@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from sftfuse.train import data, tasks
+from sftfuse.train import data, evaluation, tasks
 
 CASES = {  # family: (answer, accepted predictions, rejected predictions)
     "json_extract": (
@@ -57,7 +57,7 @@ def test_bundled_answers_score_and_prompts_are_built():
     rows = data.read_rows(data.bundled_path("test")).rows
     for row in rows:
         assert tasks.score(row["family"], row["messages"][-1]["content"], row)
-        msgs = tasks.prompt_messages(row)
+        msgs = evaluation.prompt_messages(row)
         assert [m["role"] for m in msgs] == ["user"] and msgs[0]["content"] == row["messages"][0]["content"]
     # The families differ: no answer of one family passes another family's checker on the same row
     by_family = {r["family"]: r for r in rows}

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from sftfuse.train import adapter as ad
+from sftfuse.train.checkpoint import latest_checkpoint
 from sftfuse.train.config import TrainConfig, load_config
 from sftfuse.train.data import bundled_path
-from sftfuse.train.trainer import latest_checkpoint, lr_lambda, train
+from sftfuse.train.trainer import lr_lambda, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

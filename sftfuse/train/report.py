@@ -1,0 +1,144 @@
+"""What a run writes for people to read: the metrics log, the loss curve, report.md and the console summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON line per logged step, appended as the run goes (rank 0 only writes)."""
+
+    def __init__(self, path: Path, *, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def append(self, rec: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        return out
+
+    def keep_until(self, step: int) -> None:
+        """Drop the lines of steps after `step` (a resumed run redoes them); everything when step is 0."""
+        kept = [m for m in self.read() if m.get("step", 0) <= step] if step else []
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
+    """Train loss per step and validation loss per evaluation, one PNG (matplotlib's Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=False), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=False), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean NLL per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def accuracy_table(before: dict | None, after: dict | None) -> str:
+    fams = sorted(set((before or {}).get("families", {})) | set((after or {}).get("families", {})))
+    lines = ["| family | rows | before | after | change |", "| --- | --- | --- | --- | --- |"]
+    for f in fams:
+        b = (before or {}).get("families", {}).get(f)
+        a = (after or {}).get("families", {}).get(f)
+        n = (a or b)["total"]
+        delta = f"{100 * (a['acc'] - b['acc']):+.1f} pts" if a and b else ""
+        lines.append(f"| {f} | {n} | {_pct(b['acc']) if b else '-'} | {_pct(a['acc']) if a else '-'} | {delta} |")
+    if before and after:
+        lines.append(f"| **mean over families** | | **{_pct(before['mean_acc'])}** | **{_pct(after['mean_acc'])}** | "
+                     f"**{100 * (after['mean_acc'] - before['mean_acc']):+.1f} pts** |")
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: dict | None, after: dict | None,
+                 probe: dict | None, run: dict, loss_png: str | None) -> Path:
+    """report.md: data report, accuracy before/after, forgetting probe, loss curve, throughput, peak memory."""
+    lines = ["# sftfuse train report", ""]
+    lines += [(f"Model: `{run.get('model')}`; QLoRA: {cfg['qlora']}; LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']} "
+              f"on {', '.join(cfg['target_modules'])}; dtype {run.get('dtype')}; patched: {cfg['patch']}; "
+              f"{run.get('world_size', 1)} process(es) on {run.get('device')}."), ""]
+    lines += ["## Task accuracy on the test split (before vs after)", ""]
+    if before or after:
+        lines += [accuracy_table(before, after), ""]
+        if before and after:
+            worse = [f for f in after["families"] if after["families"][f]["acc"] < before["families"][f]["acc"]]
+            lines += [f"Families worse than the base: {', '.join(worse) if worse else 'none'}.", ""]
+    else:
+        lines += ["Not run (no test file, or task_eval=false).", ""]
+    lines += ["## Forgetting probe", ""]
+    if probe:
+        lines += [(f"The base model's own greedy answers to {probe['n_prompts']} general prompts (outside the training "
+                  f"tasks): mean NLL per token {probe['base_nll']:.3f} under the base model, {probe['tuned_nll']:.3f} "
+                  f"under the tuned model: **{100 * probe['relative_change']:+.1f}%** "
+                  f"(perplexity {probe['base_ppl']:.2f} -> {probe['tuned_ppl']:.2f}). "
+                  f"Replay ratio: {cfg['replay_ratio']}."), ""]
+    else:
+        lines += ["Not run (probe=false).", ""]
+    lines += ["## Training", ""]
+    early = "; stopped early" if run["stopped_early"] else ""
+    lines += [f"- steps: {run['steps']} (of {run['planned_steps']} planned){early}",
+              f"- final train loss: {run['final_loss']:.4f}" if run.get("final_loss") is not None else "- no steps",
+              f"- best validation loss: {run['best_val_loss']:.4f} at step {run['best_step']} (its adapter is kept)"
+              if run.get("best_val_loss") is not None else "- no validation",
+              (f"- throughput: {run['tokens_per_s']:.0f} tokens/s ({run['train_tokens']} tokens, "
+              f"{run['train_seconds']:.0f} s of training)"),
+              f"- peak memory: {run['peak_memory']}",
+              (f"- wall time: {run['wall_seconds']:.0f} s in all (model load {run['load_seconds']:.0f} s, "
+              f"evaluations and probe {run['eval_seconds']:.0f} s); process CPU time {run['cpu_seconds']:.0f} s "
+              f"on {run['threads']} threads"), ""]
+    if loss_png:
+        lines += [f"![loss curve]({loss_png})", ""]
+    lines += ["## Data report", "", data_md or "(none)", ""]
+    lines += ["## Config", "", "```yaml"]
+    import yaml
+
+    lines += [yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+def strip_predictions(evald: dict | None) -> dict | None:
+    return None if evald is None else {k: v for k, v in evald.items() if k != "predictions"}
+
+
+def summary_text(run: dict, before: dict | None, after: dict | None, probe: dict | None, adapter_dir,
+                 report_path) -> str:
+    """The lines `sftfuse train` prints when it is done."""
+    lines = ["", (f"sftfuse train: {run['steps']} steps in {run['train_seconds']:.0f} s "
+             f"({run['tokens_per_s']:.0f} tokens/s), {run['wall_seconds']:.0f} s in all; {run['peak_memory']}")]
+    if before or after:
+        lines.append(accuracy_table(before, after))
+    if probe:
+        lines.append(f"forgetting probe: NLL of the base model's own answers {probe['base_nll']:.3f} -> "
+                     f"{probe['tuned_nll']:.3f} ({100 * probe['relative_change']:+.1f}%)")
+    lines.append(f"adapter: {adapter_dir}  report: {report_path}")
+    return "\n".join(lines)
