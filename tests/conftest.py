@@ -1,4 +1,4 @@
-"""Test harness: Triton interpreter without a GPU, the backend switch, a fresh seed per test (helpers: tests/helpers.py).
+"""Test harness: Triton interpreter without a GPU, the backend switch, a fresh seed per test (helpers: helpers.py).
 
 `TRITON_INTERPRET=1` must be set before anything imports Triton, so it is set here, at the top of the first
 file pytest loads, when no CUDA device is present.

@@ -1,7 +1,10 @@
 """Registries shared by every op: backend dispatch, kernels for the GPU compile check, numerics checks.
 
-Each kernel file registers what it owns at import time (`register_kernel`, `register_check`); the compile
-check and `sftfuse verify` walk the registries, so a new op joins both without editing either tool.
+Each kernel file registers what it owns at import time: `<op>_triton.py` its kernels (`register_kernel`), the file
+of its launchers (`<op>.py`, or `<op>_launch.py` beside a long one) its numerics check (`register_check`, which
+needs the reference). The compile check and `sftfuse verify` walk the registries, so a new op joins both without
+editing either tool. Each op's launcher asks `use_triton` in one place, and announces a fallback from the Triton
+path once per process (`warn_once`).
 
 Dispatch rule: Triton for CUDA tensors, PyTorch for CPU tensors, overridable with `SFTFUSE_BACKEND=torch|triton`
 (the Triton path on CPU tensors needs the interpreter, `TRITON_INTERPRET=1` set before Triton is imported).
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,12 +58,27 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_cuda
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """`warnings.warn(message)` the first time this process meets `key` (one key per reason a path falls back),
+    so a fallback taken on every call of a training step is reported once, not per call."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+_TOOLS = ("compile_check", "verify")  # modules of sftfuse.kernels that walk the registries instead of filling them
+
+
 def import_kernel_modules(extra: tuple[str, ...] | list[str] = ()) -> None:
-    """Import every op module of `sftfuse.kernels` (and `extra` modules) so that their registrations run."""
+    """Import every op module of `sftfuse.kernels`, its Triton files included (and `extra` modules), so that
+    their registrations run: kernels in `<op>_triton.py`, numerics checks beside the launchers."""
     import sftfuse.kernels as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_") and mod.name != "compile_check":
+        if not mod.name.startswith("_") and mod.name not in _TOOLS:
             importlib.import_module(f"sftfuse.kernels.{mod.name}")
     for name in extra:
         importlib.import_module(name)

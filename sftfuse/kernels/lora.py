@@ -17,7 +17,8 @@ base the adapter stays in x's dtype and nf4_matmul makes that choice around its 
 accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
 dy W added inside one GEMM). The CPU mask is one add and one lookup per element in a cached table of the
 per-element mixer (`_drop_mask`): each extra op costs a thread fork-join on a busy CPU. An NF4 base goes
-through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path: `sftfuse.kernels.lora_triton`.
+through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path: the kernels in `sftfuse.kernels.lora_triton`, launched
+from here; ranks above 64 (one R tile) take the PyTorch path, with a warning once per process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from __future__ import annotations
 import torch
 
 from sftfuse.kernels._cpu import gemm_dtype
-from sftfuse.kernels._registry import use_triton
+from sftfuse.kernels._registry import (
+    CheckContext,
+    CheckResult,
+    interpreter_active,
+    max_error,
+    register_check,
+    tolerance,
+    use_triton,
+    warn_once,
+)
 
 # Odd 32-bit multipliers (golden ratio, murmur3) and the shift of the per-element mixer.
 _C1, _C2, _C3, _C4 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F
@@ -179,7 +189,128 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers (dispatching: Triton for CUDA tensors or SFTFUSE_BACKEND=triton, else PyTorch)
+# Triton path: launchers of the kernels in sftfuse/kernels/lora_triton.py, imported on first use (the PyTorch path
+# never imports Triton)
+
+
+def _weight(base, x, M):
+    """(dense W or None, NF4 kernel args): NF4 decodes in registers up to FUSED_MAX_TOKENS tokens (bound by
+    weight bytes); above, the GEMM is compute-bound and one dequantize pass is cheaper than decoding per M tile."""
+    if isinstance(base, torch.Tensor):
+        return base.contiguous(), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False, "NF4_BLOCK": 64}
+    from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, dequantize_nf4
+
+    if M > FUSED_MAX_TOKENS or (x.dtype == torch.float32 and not interpreter_active()):
+        return dequantize_nf4(base, x.dtype), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False,
+                                                                     "NF4_BLOCK": 64}
+    dq = base.nested_absmax is not None
+    q = (base.packed, base.absmax, base.nested_absmax if dq else base.code, base.nested_code if dq else base.code,
+         base.code, float(base.offset))
+    return None, q, {"IS_NF4": True, "DOUBLE_QUANT": dq, "NF4_BLOCK": base.blocksize}
+
+
+def _launch_mm(x, w, q, nf4_flags, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale,
+               seed, thr, in_mask, out_mask):
+    """y = x W + s [mask](z V), z = [mask](x) D (M, r) stored too: `_lora_mm_kernel` (see lora_triton.py)."""
+    import triton
+
+    from sftfuse.kernels import lora_triton as kt
+
+    M, R = x.shape[0], kt._rank_tile(z.shape[1])
+    cfg = kt._config(x.dtype, R, nf4_flags["IS_NF4"])
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    kt._lora_mm_kernel[grid](
+        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z, *q,
+        M, n, k, z.shape[1],
+        x.stride(0), x.stride(1), *w_strides, *d_strides, *v_strides, y.stride(0), y.stride(1), z.stride(0),
+        scaling, z_scale, seed, thr,
+        **nf4_flags, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **kt._flags(x.dtype),
+        R=R, GROUP_M=8, **cfg, num_warps=warps, num_stages=stages)
+
+
+def _launch_reduce(x, y, *, scale, seed, thr, in_mask):
+    """(P, r) = scale * [mask](x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
+    import triton
+
+    from sftfuse.kernels import lora_triton as kt
+
+    M, P = x.shape
+    R = kt._rank_tile(y.shape[1])
+    block_m, block_p = (32, 32) if interpreter_active() else (64, 64)
+    tiles_m = triton.cdiv(M, block_m)
+    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, block_p)))
+    rows = triton.cdiv(tiles_m, split) * block_m
+    split = triton.cdiv(M, rows)
+    out = torch.empty(split, P, y.shape[1], device=x.device, dtype=torch.float32)
+    kt._lora_reduce_kernel[(triton.cdiv(P, block_p), split)](
+        x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0),
+        scale, seed, thr, IN_MASK=in_mask, **kt._flags(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, R=R,
+        num_warps=4, num_stages=1 if interpreter_active() else 3)
+    return out.sum(0)
+
+
+def lora_fwd_triton(x, base, A, B, s, bias, seed, p):
+    """`lora_linear_fwd` on the Triton path, r <= 64: (y (M, N), t (M, r))."""
+    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+    M, K = x.shape
+    N = B.shape[0]
+    t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    W, q, nf4_flags = _weight(base, x, M)
+    # W^T (K, N) of a contiguous (N, K) W; the NF4 flat index uses the same strides
+    _launch_mm(x, W, q, nf4_flags, A, B, bias, y, t, n=N, k=K, w_strides=(1, K), d_strides=(A.stride(1), A.stride(0)),
+               v_strides=(B.stride(1), B.stride(0)), scaling=s, z_scale=1.0 / (1.0 - p), seed=seed,
+               thr=dropout_threshold(p), in_mask=p > 0, out_mask=False)
+    return y, t
+
+
+def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
+    """`lora_linear_bwd` on the Triton path, r <= 64: (dx (M, K) or None, dA (r, K), dB (N, r))."""
+    dy, x, t, A, B = dy.contiguous(), x.contiguous(), t.contiguous(), A.contiguous(), B.contiguous()
+    M, N = dy.shape
+    K = x.shape[1]
+    thr = dropout_threshold(p)
+    u = torch.empty(M, A.shape[0], device=dy.device, dtype=dy.dtype)
+    dx = None
+    if not need_dx:
+        u = dy @ B
+    else:  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop; W (N, K) read as is
+        W, q, nf4_flags = _weight(base, dy, M)
+        dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+        _launch_mm(dy, W, q, nf4_flags, B, A, None, dx, u, n=K, k=N, w_strides=(K, 1),
+                   d_strides=(B.stride(0), B.stride(1)),
+                   v_strides=(A.stride(0), A.stride(1)), scaling=s / (1.0 - p), z_scale=1.0, seed=seed, thr=thr,
+                   in_mask=False, out_mask=p > 0)
+    dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr, in_mask=p > 0).T.to(x.dtype)
+    dB = _launch_reduce(dy, t, scale=s, seed=seed, thr=thr, in_mask=False).to(x.dtype)
+    return dx, dA.contiguous(), dB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: the op's one Triton-or-PyTorch decision, and forward / backward on 2-D tensors (no autograd)
+
+_TRITON_MAX_RANK = 64  # the Triton kernels hold the rank in one R tile
+
+
+def _use_triton(x: torch.Tensor, rank: int | None = None) -> bool:
+    """The Triton path for CUDA tensors (or SFTFUSE_BACKEND=triton: `sftfuse.kernels._registry.use_triton`),
+    except for a rank above 64, which takes the PyTorch path (warned once). rank=None asks for the backend only."""
+    if not use_triton(x):
+        return False
+    if rank is not None and rank > _TRITON_MAX_RANK:
+        warn_once("lora.rank", f"lora: rank {rank} > {_TRITON_MAX_RANK} takes the PyTorch path (the Triton kernels "
+                               f"hold the rank in one tile of at most {_TRITON_MAX_RANK})")
+        return False
+    return True
+
+
+def adapter_dtype(x: torch.Tensor, base) -> torch.dtype:
+    """The dtype LoRA adapters compute in: x's, or on the PyTorch backend the GEMM dtype it picks for a dense base
+    (fp32 on CPUs where fp32 GEMMs are faster), so fp32 adapters are neither rounded to x's dtype nor copied.
+    It follows the backend alone: on the Triton backend a rank over 64 runs the PyTorch path on adapters in x's
+    dtype (the GEMM dtype is x's there anyway on CUDA)."""
+    return x.dtype if _use_triton(x) else _gemm_dtype(x, base)
 
 
 def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.0):
@@ -191,17 +322,55 @@ def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.
     Returns:
         (y (M, N), t (M, r)): the output and the saved projection t = dropout(x) A^T.
     """
-    if use_triton(x):
-        from sftfuse.kernels.lora_triton import lora_fwd_triton
-
+    if _use_triton(x, lora_A.shape[0]):
         return lora_fwd_triton(x, base, lora_A, lora_B, scaling, bias, seed, p)
     return _lora_fwd_torch(x, base, lora_A, lora_B, scaling, bias, seed, p)
 
 
 def lora_linear_bwd(dy, x, t, base, lora_A, lora_B, scaling, *, seed=0, p=0.0, need_dx=True):
     """Backward of `lora_linear` on 2-D tensors: (dx (M, K) or None, dA (r, K), dB (N, r)), in x's dtype."""
-    if use_triton(dy):
-        from sftfuse.kernels.lora_triton import lora_bwd_triton
-
+    if _use_triton(dy, lora_A.shape[0]):
         return lora_bwd_triton(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
     return _lora_bwd_torch(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `sftfuse verify`: the Triton path against the fp64 reference
+
+
+def _verify(ctx: CheckContext) -> None:
+    """lora_linear (Triton path) forward and backward against the fp64 reference: 16-bit and NF4 bases, with and
+    without dropout. The NF4 reference multiplies by the weight dequantized on the PyTorch path."""
+    from sftfuse.kernels.nf4 import _dequantize_torch, quantize_nf4
+
+    shapes = [(2048, 2048, 4096, 16), (1024, 576, 1536, 64)] if ctx.large else [(67, 70, 45, 8)]
+    for dtype in ctx.dtypes:
+        for (M, K, N, r), nf4, p in [(s, nf4, p) for s in shapes for nf4 in (False, True) for p in (0.0, 0.1)]:
+            g = torch.Generator(device="cpu").manual_seed(0)
+
+            def rnd(*shape, scale=1.0, g=g, dtype=dtype):
+                return (torch.randn(*shape, generator=g) * scale).to(device=ctx.device, dtype=dtype)
+
+            x, W, A, B, dy = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(r, K, scale=K**-0.5), rnd(N, r), rnd(M, N)
+            base = quantize_nf4(W) if nf4 else W
+            W = _dequantize_torch(base, dtype) if nf4 else W
+            seed = 1234
+            y, t = lora_linear_fwd(x, base, A, B, 2.0, seed=seed, p=p)
+            dx, dA, dB = lora_linear_bwd(dy, x, t, base, A, B, 2.0, seed=seed, p=p)
+            keep = dropout_mask(seed, M, K, p, device=ctx.device) if p > 0 else None
+            leaves = [v.double().requires_grad_() for v in (x, A, B)]
+            y64 = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, keep=keep, p=p, upcast=True)
+            refs = [y64.detach(), *torch.autograd.grad(y64, leaves, dy.double())]
+            lows = None
+            if dtype != torch.float32:
+                lo = [v.detach().requires_grad_() for v in (x, A, B)]
+                yb = lora_linear_ref(lo[0], W, lo[1], lo[2], 2.0, keep=keep, p=p)
+                lows = [yb.detach(), *torch.autograd.grad(yb, lo, dy)]
+            for i, (name, ours) in enumerate(zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), strict=True)):
+                be = max_error(lows[i], refs[i]) if lows else None
+                ctx.results.append(CheckResult(f"lora_linear {name} p={p}", "triton", str(dtype).split(".")[-1],
+                                               f"{M}x{K}->{N} r={r} {'nf4' if nf4 else 'dense'}",
+                                               max_error(ours, refs[i]), tolerance(refs[i], dtype, be)))
+
+
+register_check("lora", _verify)

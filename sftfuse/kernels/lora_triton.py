@@ -1,4 +1,4 @@
-"""Triton kernels of LoRA linear (the math, the memory plan and the dropout mask: `sftfuse.kernels.lora`).
+"""Triton kernels of LoRA linear (math, memory plan, dropout mask and launchers: `sftfuse.kernels.lora`).
 
 `_lora_mm_kernel` is one matmul with the adapter folded in. Forward: y = x W^T + b + s t B^T, where the same K
 loop that reads x for x W^T also forms t = dropout(x) A^T (an extra R-wide dot, the mask regenerated in registers)
@@ -8,7 +8,8 @@ code -> block scale, double-quantized scales included; bitsandbytes' layout as i
 nf4's FUSED_MAX_TOKENS tokens; above, the GEMM is compute-bound and the weight is dequantized once instead.
 `_lora_reduce_kernel` forms dA^T = s/(1-p) dropout(x)^T u and dB = s dy^T t, split over tokens for parallelism,
 fp32 partials summed after.
-Limits: r <= 64 (one R tile; larger ranks take the PyTorch path). fp32 inputs use IEEE fp32 dots (no TF32).
+Limits: r <= 64 (one R tile; the launcher sends larger ranks to the PyTorch path, with a warning). fp32 inputs use
+IEEE fp32 dots (no TF32).
 """
 
 from __future__ import annotations
@@ -17,25 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftfuse.kernels._registry import (
-    CheckContext,
-    CheckResult,
-    KernelSpec,
-    interpreter_active,
-    max_error,
-    register_check,
-    register_kernel,
-    tolerance,
-)
-from sftfuse.kernels.lora import (
-    _lora_bwd_torch,
-    _lora_fwd_torch,
-    dropout_mask,
-    dropout_threshold,
-    lora_linear_bwd,
-    lora_linear_fwd,
-    lora_linear_ref,
-)
+from sftfuse.kernels._registry import KernelSpec, interpreter_active, register_kernel
 from sftfuse.kernels.nf4_triton import _codes, _scales
 
 
@@ -184,6 +167,11 @@ def _lora_reduce_kernel(
              mask=(offs_p[:, None] < P) & (offs_r[None, :] < R_REAL))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Block sizes and flags (the launchers are in sftfuse/kernels/lora.py, which also keeps ranks over 64 off these
+# kernels: they hold the rank in one R tile)
+
+
 def _rank_tile(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -206,98 +194,12 @@ def _gpu_config(dtype: torch.dtype, R: int, nf4: bool = False) -> dict:
 
 
 def _flags(dtype):
+    """UPCAST: fp32 arithmetic under the interpreter (its bf16 is wrong); PREC: IEEE fp32 dots for fp32 inputs."""
     return {"UPCAST": interpreter_active(), "PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
-def _weight(base, x, M):
-    """(dense W or None, NF4 kernel args): NF4 decodes in registers up to FUSED_MAX_TOKENS tokens (bound by
-    weight bytes); above, the GEMM is compute-bound and one dequantize pass is cheaper than decoding per M tile."""
-    if isinstance(base, torch.Tensor):
-        return base.contiguous(), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False, "NF4_BLOCK": 64}
-    from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, dequantize_nf4
-
-    if M > FUSED_MAX_TOKENS or (x.dtype == torch.float32 and not interpreter_active()):
-        return dequantize_nf4(base, x.dtype), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False,
-                                                                     "NF4_BLOCK": 64}
-    dq = base.nested_absmax is not None
-    q = (base.packed, base.absmax, base.nested_absmax if dq else base.code, base.nested_code if dq else base.code,
-         base.code, float(base.offset))
-    return None, q, {"IS_NF4": True, "DOUBLE_QUANT": dq, "NF4_BLOCK": base.blocksize}
-
-
-def _launch_mm(x, w, q, nf4_flags, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale,
-               seed, thr, in_mask, out_mask):
-    M, R = x.shape[0], _rank_tile(z.shape[1])
-    cfg = _config(x.dtype, R, nf4_flags["IS_NF4"])
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _lora_mm_kernel[grid](
-        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z, *q,
-        M, n, k, z.shape[1],
-        x.stride(0), x.stride(1), *w_strides, *d_strides, *v_strides, y.stride(0), y.stride(1), z.stride(0),
-        scaling, z_scale, seed, thr,
-        **nf4_flags, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **_flags(x.dtype),
-        R=R, GROUP_M=8, **cfg, num_warps=warps, num_stages=stages)
-
-
-def _launch_reduce(x, y, *, scale, seed, thr, in_mask):
-    """(P, r) = scale * [mask](x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
-    M, P = x.shape
-    R = _rank_tile(y.shape[1])
-    block_m, block_p = (32, 32) if interpreter_active() else (64, 64)
-    tiles_m = triton.cdiv(M, block_m)
-    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, block_p)))
-    rows = triton.cdiv(tiles_m, split) * block_m
-    split = triton.cdiv(M, rows)
-    out = torch.empty(split, P, y.shape[1], device=x.device, dtype=torch.float32)
-    _lora_reduce_kernel[(triton.cdiv(P, block_p), split)](
-        x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0),
-        scale, seed, thr, IN_MASK=in_mask, **_flags(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, R=R,
-        num_warps=4, num_stages=1 if interpreter_active() else 3)
-    return out.sum(0)
-
-
-def lora_fwd_triton(x, base, A, B, s, bias, seed, p):
-    if A.shape[0] > 64:  # one R tile holds r <= 64
-        return _lora_fwd_torch(x, base, A, B, s, bias, seed, p)
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-    M, K = x.shape
-    N = B.shape[0]
-    t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    W, q, nf4_flags = _weight(base, x, M)
-    # W^T (K, N) of a contiguous (N, K) W; the NF4 flat index uses the same strides
-    _launch_mm(x, W, q, nf4_flags, A, B, bias, y, t, n=N, k=K, w_strides=(1, K), d_strides=(A.stride(1), A.stride(0)),
-               v_strides=(B.stride(1), B.stride(0)), scaling=s, z_scale=1.0 / (1.0 - p), seed=seed,
-               thr=dropout_threshold(p), in_mask=p > 0, out_mask=False)
-    return y, t
-
-
-def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
-    if A.shape[0] > 64:
-        return _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx)
-    dy, x, t, A, B = dy.contiguous(), x.contiguous(), t.contiguous(), A.contiguous(), B.contiguous()
-    M, N = dy.shape
-    K = x.shape[1]
-    thr = dropout_threshold(p)
-    u = torch.empty(M, A.shape[0], device=dy.device, dtype=dy.dtype)
-    dx = None
-    if not need_dx:
-        u = dy @ B
-    else:  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop; W (N, K) read as is
-        W, q, nf4_flags = _weight(base, dy, M)
-        dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-        _launch_mm(dy, W, q, nf4_flags, B, A, None, dx, u, n=K, k=N, w_strides=(K, 1),
-                   d_strides=(B.stride(0), B.stride(1)),
-                   v_strides=(A.stride(0), A.stride(1)), scaling=s / (1.0 - p), z_scale=1.0, seed=seed, thr=thr,
-                   in_mask=False, out_mask=p > 0)
-    dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr, in_mask=p > 0).T.to(x.dtype)
-    dB = _launch_reduce(dy, t, scale=s, seed=seed, thr=thr, in_mask=False).to(x.dtype)
-    return dx, dA.contiguous(), dB
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Compile check and `sftfuse verify`
+# Compile check: every configuration the launchers (in sftfuse/kernels/lora.py) pick on a GPU
 
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -349,41 +251,3 @@ def _specs():
 
 
 register_kernel("lora", _specs)
-
-
-def _check(ctx: CheckContext) -> None:
-    """lora_linear (Triton path) forward and backward against the fp64 reference: 16-bit and NF4 bases, with and
-    without dropout. The NF4 reference multiplies by the weight dequantized on the PyTorch path."""
-    from sftfuse.kernels.nf4 import _dequantize_torch, quantize_nf4
-
-    shapes = [(2048, 2048, 4096, 16), (1024, 576, 1536, 64)] if ctx.large else [(67, 70, 45, 8)]
-    for dtype in ctx.dtypes:
-        for (M, K, N, r), nf4, p in [(s, nf4, p) for s in shapes for nf4 in (False, True) for p in (0.0, 0.1)]:
-            g = torch.Generator(device="cpu").manual_seed(0)
-
-            def rnd(*shape, scale=1.0, g=g, dtype=dtype):
-                return (torch.randn(*shape, generator=g) * scale).to(device=ctx.device, dtype=dtype)
-
-            x, W, A, B, dy = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(r, K, scale=K**-0.5), rnd(N, r), rnd(M, N)
-            base = quantize_nf4(W) if nf4 else W
-            W = _dequantize_torch(base, dtype) if nf4 else W
-            seed = 1234
-            y, t = lora_linear_fwd(x, base, A, B, 2.0, seed=seed, p=p)
-            dx, dA, dB = lora_linear_bwd(dy, x, t, base, A, B, 2.0, seed=seed, p=p)
-            keep = dropout_mask(seed, M, K, p, device=ctx.device) if p > 0 else None
-            leaves = [v.double().requires_grad_() for v in (x, A, B)]
-            y64 = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, keep=keep, p=p, upcast=True)
-            refs = [y64.detach(), *torch.autograd.grad(y64, leaves, dy.double())]
-            lows = None
-            if dtype != torch.float32:
-                lo = [v.detach().requires_grad_() for v in (x, A, B)]
-                yb = lora_linear_ref(lo[0], W, lo[1], lo[2], 2.0, keep=keep, p=p)
-                lows = [yb.detach(), *torch.autograd.grad(yb, lo, dy)]
-            for i, (name, ours) in enumerate(zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), strict=True)):
-                be = max_error(lows[i], refs[i]) if lows else None
-                ctx.results.append(CheckResult(f"lora_linear {name} p={p}", "triton", str(dtype).split(".")[-1],
-                                               f"{M}x{K}->{N} r={r} {'nf4' if nf4 else 'dense'}",
-                                               max_error(ours, refs[i]), tolerance(refs[i], dtype, be)))
-
-
-register_check("lora", _check)

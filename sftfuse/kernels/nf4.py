@@ -23,7 +23,7 @@ Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is fr
   fp32 GEMM is faster on this CPU (`sftfuse.kernels._cpu`: on AVX512-BF16 without AMX it is ~1.8x faster); the
   fp32 tile is then the decode's own output, with no cast. Only one tile of decoded weight exists at a time.
 
-Rounding matches bitsandbytes 0.50 on CPU, checked in tests/test_nf4.py: NF4 indices are the nearest code, ties
+Rounding matches bitsandbytes 0.50 on CPU, checked in tests/kernels/test_nf4.py: NF4 indices are the nearest code, ties
 to the lower one; the nested 8-bit indices follow bitsandbytes' native CPU quantizer, which snaps the normalized
 value to a 2^16-point grid on [-1, 1] before taking the nearest code (its pure-PyTorch fallback and CUDA kernel
 round differently on ~0.1% of scales, by one code step; every variant dequantizes identically).
@@ -38,6 +38,16 @@ from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from sftfuse.kernels._registry import (
+    CheckContext,
+    CheckResult,
+    interpreter_active,
+    max_error,
+    register_check,
+    tolerance,
+    use_triton,
+)
 
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -297,7 +307,75 @@ def nf4_matmul_ref(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers (Triton kernels in sftfuse/kernels/nf4_triton.py)
+# Triton path: launchers of the kernels in sftfuse/kernels/nf4_triton.py, imported on first use (the PyTorch path
+# never imports Triton)
+
+
+def _q_args(q: NF4Weight):
+    """(the five weight pointers the kernels take, double_quant)."""
+    dq = q.double_quant
+    dummy = q.absmax  # any pointer for the unused nested arguments
+    return (q.packed, q.absmax, q.nested_absmax if dq else dummy, q.nested_code if dq else dummy, q.code), dq
+
+
+def matmul_triton(a: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, *, transposed: bool) -> torch.Tensor:
+    """transposed=False: y = a @ W^T + bias, a (M, K); transposed=True: dx = a @ W, a (M, N)."""
+    import triton
+
+    from sftfuse.kernels import nf4_triton as kt
+
+    a = a.contiguous()
+    m = a.shape[0]
+    n_out, k_in = q.shape
+    interp = interpreter_active()
+    # compute-bound (many tokens), or fp32 (no tensor-core dot to fuse into): dequantize + library GEMM
+    if m > FUSED_MAX_TOKENS or (a.dtype == torch.float32 and not interp):
+        w = dequantize_triton(q, a.dtype)
+        return a @ w if transposed else F.linear(a, w, bias)
+    ptrs, dq = _q_args(q)
+    fp32_dot = interp  # the interpreter's bf16 dot is wrong: upcast there
+    bm, bn, bk, warps = kt._config(m)
+    aligned = k_in % q.blocksize == 0 and q.blocksize % bk == 0
+    if not transposed:
+        y = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, bn))
+        kt._nf4_matmul_fwd_kernel[grid](a, *ptrs, bias if bias is not None else a, y, m, n_out, k_in, q.offset,
+                                        a.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOUBLE_QUANT=dq,
+                                        BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot, BLOCK_M=bm,
+                                        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+        return y
+    dx = torch.empty(m, k_in, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k_in, bk))
+    kt._nf4_matmul_bwd_kernel[grid](a, *ptrs, dx, m, n_out, k_in, q.offset, a.stride(0), dx.stride(0),
+                                    DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot,
+                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+    return dx
+
+
+def dequantize_triton(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight (out, in) in `dtype`, equal to the PyTorch path."""
+    import triton
+
+    from sftfuse.kernels import nf4_triton as kt
+
+    ptrs, dq = _q_args(q)
+    # the interpreter truncates fp32 -> bf16: write fp32 and let PyTorch round
+    kernel_dtype = torch.float32 if interpreter_active() else dtype
+    out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
+    kt._nf4_dequantize_kernel[(triton.cdiv(q.numel, kt._DEQ_BLOCK),)](
+        *ptrs, out, q.numel, q.offset, DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, BLOCK=kt._DEQ_BLOCK,
+        enable_fp_fusion=False)  # mul then add, as torch
+    return out.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: check the inputs and take the Triton or the PyTorch path
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    """The op's one Triton-or-PyTorch decision (`sftfuse.kernels._registry.use_triton`: CUDA tensors, or the
+    SFTFUSE_BACKEND override); every launcher below asks it."""
+    return use_triton(*tensors)
 
 
 def _check(x: torch.Tensor, q: NF4Weight, dim: int, name: str) -> None:
@@ -309,30 +387,22 @@ def _check(x: torch.Tensor, q: NF4Weight, dim: int, name: str) -> None:
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
     """The dequantized weight (out, in) in `dtype` (None: q.dtype), equal to bitsandbytes' `dequantize_4bit`."""
-    from sftfuse.kernels._registry import use_triton
-
     if not isinstance(q, NF4Weight):
         raise TypeError(f"q: expected an NF4Weight, got {type(q).__name__}")
     dtype = dtype or q.dtype
-    if use_triton(q.packed):
-        from sftfuse.kernels.nf4_triton import dequantize_triton
-
+    if _use_triton(q.packed):
         return dequantize_triton(q, dtype)
     return _dequantize_torch(q, dtype)
 
 
 def nf4_matmul_fwd(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(q)^T + bias, in x's dtype. x: (M, in) -> y: (M, out). No autograd."""
-    from sftfuse.kernels._registry import use_triton
-
     _check(x, q, 1, "x")
     if bias is not None:
         if bias.shape != (q.shape[0],):
             raise ValueError(f"bias: expected shape ({q.shape[0]},), got {tuple(bias.shape)}")
         bias = bias.to(x.dtype)
-    if use_triton(x, q.packed):
-        from sftfuse.kernels.nf4_triton import matmul_triton
-
+    if _use_triton(x, q.packed):
         return matmul_triton(x, q, bias, transposed=False)
     with torch.no_grad():  # the weight tile is a reused scratch buffer: never let autograd save it
         return _fwd_torch(x, q, bias)
@@ -340,12 +410,33 @@ def nf4_matmul_fwd(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = No
 
 def nf4_matmul_bwd(dy: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     """dx = dy @ dequant(q), in dy's dtype. dy: (M, out) -> dx: (M, in). No autograd."""
-    from sftfuse.kernels._registry import use_triton
-
     _check(dy, q, 0, "dy")
-    if use_triton(dy, q.packed):
-        from sftfuse.kernels.nf4_triton import matmul_triton
-
+    if _use_triton(dy, q.packed):
         return matmul_triton(dy, q, None, transposed=True)
     with torch.no_grad():
         return _bwd_torch(dy, q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `sftfuse verify`: the Triton path against the fp64 reference, in PyTorch's own error where it is 16-bit
+
+
+def _verify(ctx: CheckContext) -> None:
+    shapes = [(4096, 4096, 4096), (512, 1536, 576)] if ctx.large else [(37, 129, 99), (3, 576, 64)]
+    for m, k, n in shapes:
+        q = quantize_nf4(torch.randn(n, k, device=ctx.device), double_quant=k % 2 == 0)
+        for dtype in ctx.dtypes:
+            x = torch.randn(m, k, device=ctx.device, dtype=dtype)
+            dy = torch.randn(m, n, device=ctx.device, dtype=dtype)
+            ref = nf4_matmul_ref(x, q)
+            w64 = nf4_matmul_ref(torch.eye(k, device=ctx.device, dtype=torch.float64), q).t()  # (N, K)
+            dref = dy.double() @ w64
+            for path, out, r in (("fwd", matmul_triton(x, q, None, transposed=False), ref),
+                                 ("bwd", matmul_triton(dy, q, None, transposed=True), dref)):
+                base = None if dtype == torch.float32 else max_error(
+                    (x @ w64.t().to(dtype) if path == "fwd" else dy @ w64.to(dtype)), r)
+                ctx.results.append(CheckResult("nf4_matmul", path, str(dtype).removeprefix("torch."),
+                                               f"{m}x{k}x{n}", max_error(out, r), tolerance(r, dtype, base)))
+
+
+register_check("nf4_matmul", _verify)

@@ -1,4 +1,4 @@
-"""Triton kernels of the NF4 matmul (math, format and dispatch rule: sftfuse/kernels/nf4.py).
+"""Triton kernels of the NF4 matmul (math, format, dispatch rule and launchers: sftfuse/kernels/nf4.py).
 
 - `_nf4_matmul_fwd_kernel`: y (M, N) = x (M, K) @ W^T; the K loop decodes a (BLOCK_K, BLOCK_N) tile of W^T.
 - `_nf4_matmul_bwd_kernel`: dx (M, K) = dy (M, N) @ W; the N loop decodes a (BLOCK_N, BLOCK_K) tile of W.
@@ -13,20 +13,10 @@ from __future__ import annotations
 
 import itertools
 
-import torch
 import triton
 import triton.language as tl
 
-from sftfuse.kernels._registry import (
-    CheckResult,
-    KernelSpec,
-    interpreter_active,
-    max_error,
-    register_check,
-    register_kernel,
-    tolerance,
-)
-from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, NF4Weight, nf4_matmul_ref, quantize_nf4
+from sftfuse.kernels._registry import KernelSpec, register_kernel
 
 
 @triton.jit
@@ -140,7 +130,7 @@ def _nf4_dequantize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers
+# Block sizes (the launchers, `matmul_triton` and `dequantize_triton`, are in sftfuse/kernels/nf4.py)
 
 
 def _config(m: int) -> tuple[int, int, int, int]:
@@ -155,62 +145,13 @@ def _config(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 32, 8
 
 
-def _q_args(q: NF4Weight, device):
-    dq = q.double_quant
-    dummy = q.absmax  # any pointer for the unused nested arguments
-    return (q.packed, q.absmax, q.nested_absmax if dq else dummy, q.nested_code if dq else dummy, q.code), dq
-
-
-def matmul_triton(a: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, *, transposed: bool) -> torch.Tensor:
-    """transposed=False: y = a @ W^T + bias, a (M, K); transposed=True: dx = a @ W, a (M, N)."""
-    a = a.contiguous()
-    m = a.shape[0]
-    n_out, k_in = q.shape
-    interp = interpreter_active()
-    # compute-bound (many tokens), or fp32 (no tensor-core dot to fuse into): dequantize + library GEMM
-    if m > FUSED_MAX_TOKENS or (a.dtype == torch.float32 and not interp):
-        w = dequantize_triton(q, a.dtype)
-        return a @ w if transposed else torch.nn.functional.linear(a, w, bias)
-    ptrs, dq = _q_args(q, a.device)
-    fp32_dot = interp  # the interpreter's bf16 dot is wrong: upcast there
-    bm, bn, bk, warps = _config(m)
-    aligned = k_in % q.blocksize == 0 and q.blocksize % bk == 0
-    if not transposed:
-        y = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, bn))
-        _nf4_matmul_fwd_kernel[grid](a, *ptrs, bias if bias is not None else a, y, m, n_out, k_in, q.offset,
-                                     a.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOUBLE_QUANT=dq,
-                                     BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot, BLOCK_M=bm,
-                                     BLOCK_N=bn, BLOCK_K=bk,
-                                     num_warps=warps, num_stages=3)
-        return y
-    dx = torch.empty(m, k_in, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(k_in, bk))
-    _nf4_matmul_bwd_kernel[grid](a, *ptrs, dx, m, n_out, k_in, q.offset, a.stride(0), dx.stride(0),
-                                 DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot,
-                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
-    return dx
-
-
-_DEQ_BLOCK = 1024
-
-
-def dequantize_triton(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight (out, in) in `dtype`, equal to the PyTorch path."""
-    ptrs, dq = _q_args(q, q.device)
-    # the interpreter truncates fp32 -> bf16: write fp32 and let PyTorch round
-    kernel_dtype = torch.float32 if interpreter_active() else dtype
-    out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
-    _nf4_dequantize_kernel[(triton.cdiv(q.numel, _DEQ_BLOCK),)](*ptrs, out, q.numel, q.offset, DOUBLE_QUANT=dq,
-                                                                BLOCKSIZE=q.blocksize, BLOCK=_DEQ_BLOCK,
-                                                                enable_fp_fusion=False)  # mul then add, as torch
-    return out.to(dtype)
+_DEQ_BLOCK = 1024  # values per program of the dequantize kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 takes the dequantize
-# route): double quant or not, K block-aligned or not, both tiles; for the compile check. Then the numerics
-# check for `sftfuse verify`.
+# route): double quant or not, K block-aligned or not, both tiles; for the compile check. (The numerics check for
+# `sftfuse verify` needs the reference: it is registered in nf4.py.)
 
 _Q = {"packed_ptr": "*u8", "code_ptr": "*fp32"}
 
@@ -253,24 +194,3 @@ def _specs() -> list[KernelSpec]:
 
 
 register_kernel("nf4", _specs)
-
-
-def _check(ctx) -> None:
-    shapes = [(4096, 4096, 4096), (512, 1536, 576)] if ctx.large else [(37, 129, 99), (3, 576, 64)]
-    for m, k, n in shapes:
-        q = quantize_nf4(torch.randn(n, k, device=ctx.device), double_quant=k % 2 == 0)
-        for dtype in ctx.dtypes:
-            x = torch.randn(m, k, device=ctx.device, dtype=dtype)
-            dy = torch.randn(m, n, device=ctx.device, dtype=dtype)
-            ref = nf4_matmul_ref(x, q)
-            w64 = nf4_matmul_ref(torch.eye(k, device=ctx.device, dtype=torch.float64), q).t()  # (N, K)
-            dref = dy.double() @ w64
-            for path, out, r in (("fwd", matmul_triton(x, q, None, transposed=False), ref),
-                                 ("bwd", matmul_triton(dy, q, None, transposed=True), dref)):
-                base = None if dtype == torch.float32 else max_error(
-                    (x @ w64.t().to(dtype) if path == "fwd" else dy @ w64.to(dtype)), r)
-                ctx.results.append(CheckResult("nf4_matmul", path, str(dtype).removeprefix("torch."),
-                                               f"{m}x{k}x{n}", max_error(out, r), tolerance(r, dtype, base)))
-
-
-register_check("nf4_matmul", _check)

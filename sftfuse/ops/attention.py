@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 
 from sftfuse.ops._common import without_autocast
+
+
+@dataclass(frozen=True)
+class _AttnOptions:
+    """The Function's non-tensor arguments, as torch's function takes them."""
+
+    is_causal: bool
+    scale: float | None
+
+
+class _AttnSaved(NamedTuple):
+    """Kept for the backward (through save_for_backward): the 16-bit inputs, the fp32 output and its lse."""
+
+    query: torch.Tensor  # (B, Hq, T, D) 16-bit
+    key: torch.Tensor  # (B, Hkv, S, D)
+    value: torch.Tensor  # (B, Hkv, S, D)
+    attn_mask: torch.Tensor | None  # additive fp32 bias, broadcastable to (B, Hq, T, S)
+    out: torch.Tensor  # (B, Hq, T, D) fp32
+    lse: torch.Tensor  # (B, Hq, T) fp32
 
 
 class _WideAttentionFunction(torch.autograd.Function):
@@ -13,21 +35,22 @@ class _WideAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, query, key, value, attn_mask, opts: dict):
+    def forward(ctx, query, key, value, attn_mask, opts: _AttnOptions):
         wide = [t.float() for t in (query, key, value)]  # transient: recast in the backward
-        out, lse = _flash_fwd(*wide, attn_mask=attn_mask, is_causal=opts["is_causal"], scale=opts["scale"])
-        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+        out, lse = _flash_fwd(*wide, attn_mask=attn_mask, is_causal=opts.is_causal, scale=opts.scale)
+        ctx.save_for_backward(*_AttnSaved(query, key, value, attn_mask, out, lse))
         ctx.opts = opts
         return out.to(query.dtype)
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad_out):
-        query, key, value, attn_mask, out, lse = ctx.saved_tensors
-        grads = _flash_bwd(grad_out.float(), *(t.float() for t in (query, key, value)), out, lse, 0.0,
-                           ctx.opts["is_causal"], attn_mask=attn_mask, scale=ctx.opts["scale"])
+        s = _AttnSaved(*ctx.saved_tensors)
+        inputs = (s.query, s.key, s.value)
+        grads = _flash_bwd(grad_out.float(), *(t.float() for t in inputs), s.out, s.lse, 0.0, ctx.opts.is_causal,
+                           attn_mask=s.attn_mask, scale=ctx.opts.scale)
         dq, dk, dv = (g.to(t.dtype) if need else None
-                      for g, t, need in zip(grads, (query, key, value), ctx.needs_input_grad[:3], strict=True))
+                      for g, t, need in zip(grads, inputs, ctx.needs_input_grad[:3], strict=True))
         return dq, dk, dv, None, None
 
 
@@ -75,4 +98,4 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None:  # an additive fp32 bias, as torch's function hands a bool mask to this kernel
         attn_mask = attn_mask.detach().float() if attn_mask.is_floating_point() else torch.zeros(
             attn_mask.shape, device=attn_mask.device).masked_fill_(attn_mask.logical_not(), float("-inf"))
-    return _WideAttentionFunction.apply(query, key, value, attn_mask, opts)
+    return _WideAttentionFunction.apply(query, key, value, attn_mask, _AttnOptions(is_causal, scale))

@@ -1,4 +1,4 @@
-"""linear + cross-entropy: the autograd Function and `linear_cross_entropy` (kernels: kernels/cross_entropy.py)."""
+"""linear + cross-entropy: the autograd Function and `linear_cross_entropy` (kernels: kernels/cross_entropy*.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sftfuse.kernels._registry import use_triton
+from sftfuse.kernels import cross_entropy_launch as lce
+from sftfuse.kernels.cross_entropy_launch import LossOptions
 from sftfuse.ops._common import without_autocast
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -14,13 +15,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 @dataclass(frozen=True)
 class _CEOptions:
-    """The loss options, one named bundle (the Function takes tensors + this, never a long positional list)."""
+    """The Function's non-tensor arguments, one named bundle: the reduction, its denominator override and the loss
+    options the kernels take."""
 
     reduction: str
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    logit_scale: float
+    loss: LossOptions
     num_items: float | None
 
 
@@ -41,41 +40,25 @@ class CrossEntropyStats:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Only counted rows reach a matmul. Torch path: gradients formed in the forward (rows gathered a chunk at a
-    time, dh written into the (N, H) gradient), scaled in the backward (reduction "none": recomputed in the
-    backward with per-row weights). Triton path: counted rows gathered; backward recomputes logit tiles."""
+    """Only counted rows reach a matmul. The launcher (`sftfuse.kernels.cross_entropy_launch`) picks the path in the
+    forward and returns what the backward replays: the saved tensors (an `LCESaved`, kept with save_for_backward)
+    or gradients formed in the forward (PyTorch path), and an `LCEState`."""
 
     @staticmethod
     @without_autocast
     def forward(ctx, hidden, weight, bias, y, idx, opts: _CEOptions):
         """hidden: (N, H) all rows; idx: (n,) the counted rows (None: all); y: (n,) their labels."""
-        from sftfuse.kernels import cross_entropy as ce
-
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        kw = {"label_smoothing": opts.label_smoothing, "z_loss": opts.z_loss, "softcap": opts.softcap,
-              "logit_scale": opts.logit_scale}
         n = y.shape[0]
         if opts.reduction == "mean":
             row_weight = torch.full((n,), 1.0 / (opts.num_items if opts.num_items is not None else max(n, 1)),
                                     dtype=torch.float32, device=y.device)
         else:
             row_weight = torch.ones(n, dtype=torch.float32, device=y.device)
-        ctx.opts, ctx.kw, ctx.needs = opts, kw, (need_dh, need_dw, need_db)
-        ctx.triton = use_triton(hidden, weight)
-        ctx.rows, ctx.hidden_dtype = hidden.shape[0], hidden.dtype
-        any_grad = need_dh or need_dw or need_db
-        if ctx.triton or opts.reduction == "none" or not any_grad:
-            h = hidden if idx is None else hidden.index_select(0, idx)  # counted rows only
-            if ctx.triton:
-                loss, lse, hit = ce.linear_cross_entropy_fwd(h, weight, bias, y, **kw)
-            else:
-                loss, lse, hit, *_ = ce.linear_cross_entropy_torch(h, weight, bias, y, None, **kw)
-            ctx.save_for_backward(h, weight, bias, y, lse, row_weight, idx)
-        else:  # PyTorch path: rows gathered a chunk at a time, dh written straight into an (N, H) gradient
-            loss, lse, hit, dh, dw, db = ce.linear_cross_entropy_torch(
-                hidden, weight, bias, y, row_weight, rows_idx=idx, need_dh=need_dh, need_dw=need_dw,
-                need_db=need_db, **kw)
-            ctx.grads = [dh, dw, db]  # fp32, owned: the backward scales them in place and hands them over
+        loss, lse, hit, saved, ctx.state = lce.linear_cross_entropy_forward(
+            hidden, weight, bias, y, idx, row_weight, options=opts.loss, reduction=opts.reduction,
+            needs=tuple(ctx.needs_input_grad[:3]))
+        if saved is not None:
+            ctx.save_for_backward(*saved)
         total = loss if opts.reduction == "none" else (loss * row_weight).sum()
         stats = torch.stack([lse.sum(), hit.sum().float()]) if n else torch.zeros(2, device=y.device)
         ctx.mark_non_differentiable(stats)
@@ -84,31 +67,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, grad_out, _grad_stats):
-        from sftfuse.kernels import cross_entropy as ce
-
-        need_dh, need_dw, need_db = ctx.needs
-        if hasattr(ctx, "grads"):
-            if ctx.grads is None:
-                raise RuntimeError("linear_cross_entropy: backward ran twice; its gradients were handed over")
-            grads, ctx.grads = ctx.grads, None
-            if not (grad_out == 1).all():
-                g = grad_out.float()
-                grads = [t.mul_(g) if t is not None else None for t in grads]
-        else:
-            h, weight, bias, y, lse, row_weight, idx = ctx.saved_tensors
-            row_weight = row_weight * grad_out.float()  # per-row upstream gradient for "none", a scalar otherwise
-            if ctx.triton:
-                grads = ce.linear_cross_entropy_bwd(h, weight, bias, y, lse, row_weight, need_dw=need_dw,
-                                                    need_db=need_db, **ctx.kw)
-            else:
-                grads = ce.linear_cross_entropy_torch(h, weight, bias, y, row_weight, need_dh=need_dh,
-                                                      need_dw=need_dw, need_db=need_db, **ctx.kw)[3:]
-            grads = list(grads)
-            if grads[0] is not None and idx is not None:  # counted rows' gradient into the (N, H) one
-                grads[0] = grads[0].new_zeros(ctx.rows, grads[0].shape[1]).index_copy_(0, idx, grads[0])
-        if grads[0] is not None:
-            grads[0] = grads[0].to(ctx.hidden_dtype)
-        return (*grads, None, None, None)
+        saved = None if ctx.state.formed else lce.LCESaved(*ctx.saved_tensors)
+        return (*lce.linear_cross_entropy_backward(ctx.state, saved, grad_out), None, None, None)
 
 
 def _as_float(value, name: str) -> float:
@@ -190,7 +150,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
     if num_items is not None and n and not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
-    opts = _CEOptions(reduction, label_smoothing, z_loss, softcap, logit_scale, num_items)
+    opts = _CEOptions(reduction, LossOptions(label_smoothing, z_loss, softcap, logit_scale), num_items)
     loss, sums = _LinearCrossEntropy.apply(hidden2.to(weight.dtype).contiguous(), weight.contiguous(),
                                            None if bias is None else bias.contiguous(), y, idx, opts)
     if reduction == "none":

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 
-from sftfuse.kernels._registry import use_triton
+from sftfuse.kernels.lora import adapter_dtype, lora_linear_bwd, lora_linear_fwd, new_seed
 from sftfuse.ops._common import without_autocast
 
 
-def _adapter_dtype(x: torch.Tensor, base) -> torch.dtype:
-    """The dtype LoRA adapters compute in: x's, or on the PyTorch path the GEMM dtype it picks for a dense base
-    (fp32 on CPUs where fp32 GEMMs are faster), so fp32 adapters are neither rounded to x's dtype nor copied."""
-    if use_triton(x):
-        return x.dtype
-    from sftfuse.kernels.lora import _gemm_dtype
+@dataclass(frozen=True)
+class LoRAOptions:
+    """A LoRA projection's non-tensor arguments: scaling s, dropout probability p and the seed of its mask."""
 
-    return _gemm_dtype(x, base)
+    scaling: float
+    p: float
+    seed: int
+
+
+class _LoRASaved(NamedTuple):
+    """What LoRALinearFunction keeps for the backward (through save_for_backward): no dropped-out copy of x."""
+
+    x2: torch.Tensor  # (M, K) a view of the caller's x
+    t: torch.Tensor  # (M, r) dropout(x) A^T
+    lora_A: torch.Tensor  # (r, K) the adapter itself, not its cast
+    lora_B: torch.Tensor  # (N, r)
+    weight: torch.Tensor | None  # (N, K) a dense base; None for an NF4 base (kept on ctx)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -23,36 +35,30 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x, base, lora_A, lora_B, bias, scaling, p, seed):
-        from sftfuse.kernels.lora import lora_linear_fwd
-
+    def forward(ctx, x, base, lora_A, lora_B, bias, opts: LoRAOptions):
         x2 = x.reshape(-1, x.shape[-1])  # a view when x is contiguous: shares storage with the caller's x
-        cd = _adapter_dtype(x, base)
+        cd = adapter_dtype(x, base)
         A, B = lora_A.to(cd), lora_B.to(cd)  # adapters kept in another dtype compute in x's (or the GEMM's)
         b = bias.to(x.dtype) if bias is not None else None
-        y, t = lora_linear_fwd(x2, base, A, B, scaling, bias=b, seed=seed, p=p)
+        y, t = lora_linear_fwd(x2, base, A, B, opts.scaling, bias=b, seed=opts.seed, p=opts.p)
         dense = isinstance(base, torch.Tensor)
-        ctx.save_for_backward(x2, t, lora_A, lora_B, base if dense else None)  # the adapters, not their casts
-        ctx.cd = cd
-        ctx.nf4 = None if dense else base
-        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        ctx.save_for_backward(*_LoRASaved(x2, t, lora_A, lora_B, base if dense else None))
+        ctx.opts, ctx.cd, ctx.nf4, ctx.x_shape = opts, cd, None if dense else base, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy):
-        from sftfuse.kernels.lora import lora_linear_bwd
-
-        x2, t, lora_A, lora_B, W = ctx.saved_tensors
-        A, B = lora_A.to(ctx.cd), lora_B.to(ctx.cd)
-        base = W if W is not None else ctx.nf4
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, dA, dB = lora_linear_bwd(dy2, x2, t, base, A, B, ctx.scaling, seed=ctx.seed, p=ctx.p,
+        saved, opts = _LoRASaved(*ctx.saved_tensors), ctx.opts
+        A, B = saved.lora_A.to(ctx.cd), saved.lora_B.to(ctx.cd)
+        base = saved.weight if saved.weight is not None else ctx.nf4
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(saved.x2.dtype)
+        dx, dA, dB = lora_linear_bwd(dy2, saved.x2, saved.t, base, A, B, opts.scaling, seed=opts.seed, p=opts.p,
                                      need_dx=ctx.needs_input_grad[0])
         db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
-        return dx, None, dA.to(lora_A.dtype), dB.to(lora_B.dtype), db, None, None, None
+        return dx, None, dA.to(saved.lora_A.dtype), dB.to(saved.lora_B.dtype), db, None
 
 
 def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, training=True):
@@ -70,8 +76,6 @@ def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, tra
     Returns:
         (..., out) in x's dtype. Gradients flow to x, lora_A, lora_B (and bias if it requires grad), never to base.
     """
-    from sftfuse.kernels.lora import new_seed
-
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {type(x).__name__}")
     out_f, in_f = tuple(base.shape)
@@ -95,4 +99,4 @@ def lora_linear(x, base, lora_A, lora_B, scaling, *, bias=None, dropout=0.0, tra
         raise ValueError(f"dropout: expected 0 <= p < 1, got {dropout}")
     p = float(dropout) if training else 0.0
     seed = new_seed() if p > 0 else 0
-    return LoRALinearFunction.apply(x, base, lora_A, lora_B, bias, float(scaling), p, seed)
+    return LoRALinearFunction.apply(x, base, lora_A, lora_B, bias, LoRAOptions(float(scaling), p, seed))

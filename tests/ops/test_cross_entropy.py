@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sftfuse.kernels import cross_entropy as ce
+from sftfuse.kernels import cross_entropy_launch as lce
 from sftfuse.kernels.cross_entropy import linear_cross_entropy_ref
 from sftfuse.ops.cross_entropy import linear_cross_entropy
 from tests.helpers import assert_close, poison, randn
@@ -194,10 +195,10 @@ def test_only_counted_rows_reach_the_matmul(monkeypatch):
 def test_triton_launchers_see_counted_rows_and_write_every_output(monkeypatch):
     """Triton path: the kernels get only the counted rows; outputs start as NaN, so an unwritten one shows."""
     monkeypatch.setenv("SFTFUSE_BACKEND", "triton")
-    monkeypatch.setattr(ce, "_empty", lambda *s, **kw: poison(torch.empty(*s, **kw)))
+    monkeypatch.setattr(lce, "_empty", lambda *s, **kw: poison(torch.empty(*s, **kw)))
     seen = []
-    fwd = ce.linear_cross_entropy_fwd
-    monkeypatch.setattr(ce, "linear_cross_entropy_fwd", lambda h, *a, **k: seen.append(h.shape[0]) or fwd(h, *a, **k))
+    fwd = lce.lce_fwd_triton
+    monkeypatch.setattr(lce, "lce_fwd_triton", lambda h, *a, **k: seen.append(h.shape[0]) or fwd(h, *a, **k))
     hidden, weight, bias, labels = _inputs((2, 37), 64, 1031, torch.float32, masked=0.7)
     loss = linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="none")
     assert seen == [int((labels != -100).sum())] and torch.isfinite(loss).all()
@@ -207,9 +208,9 @@ def test_triton_launchers_see_counted_rows_and_write_every_output(monkeypatch):
 def test_frozen_weight_gets_no_gradient_work(backend, monkeypatch):
     """LoRA: the head is frozen, so the weight gradient is never formed (the paths are told so)."""
     flags = []
-    for name in ("linear_cross_entropy_torch", "linear_cross_entropy_bwd"):
-        real = getattr(ce, name)
-        monkeypatch.setattr(ce, name, lambda *a, _real=real, **k: flags.append(k.get("need_dw")) or _real(*a, **k))
+    for name in ("linear_cross_entropy_torch", "lce_bwd_triton"):
+        real = getattr(lce, name)
+        monkeypatch.setattr(lce, name, lambda *a, _real=real, **k: flags.append(k.get("need_dw")) or _real(*a, **k))
     hidden, weight, _, labels = _inputs((2, 37), 64, 1031, torch.float32)
     weight.requires_grad_(False)
     loss = linear_cross_entropy(hidden, weight, labels)
@@ -256,13 +257,13 @@ def test_gradient_filter_is_off_by_default_and_close_without_smoothing():
     torch.manual_seed(1)
     h, w = randn(37, 64), randn(1031, 64, scale=0.5)
     y = torch.randint(0, 1031, (37,))
-    _, lse, _ = ce.linear_cross_entropy_fwd(h, w, None, y)
+    _, lse, _ = lce.lce_fwd_triton(h, w, None, y)
     rw = torch.full((37,), 1 / 37)
-    exact = ce.linear_cross_entropy_bwd(h, w, None, y, lse, rw)
-    filt = ce.linear_cross_entropy_bwd(h, w, None, y, lse, rw, filter_eps=1e-9)
+    exact = lce.lce_bwd_triton(h, w, None, y, lse, rw)
+    filt = lce.lce_bwd_triton(h, w, None, y, lse, rw, filter_eps=1e-9)
     for a, b in zip(exact[:2], filt[:2]):
         assert torch.allclose(a, b, atol=1e-7)
-    assert ce.linear_cross_entropy_bwd.__kwdefaults__["filter_eps"] == 0.0
+    assert lce.lce_bwd_triton.__kwdefaults__["filter_eps"] == 0.0
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -7,6 +7,7 @@ IS_INTERP switch), so they are compared against the fp64 reference with PyTorch'
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -170,6 +171,27 @@ def test_fp32_adapters_compute_unrounded_where_gemms_run_in_fp32(monkeypatch, ge
     dA64 = 2.0 * (dy.double() @ B.double()).T @ x.double()
     err = ((dA - dA64).abs().max() / dA64.abs().max()).item()
     assert err < 1e-5 if gemm == "fp32" else err > 1e-4
+
+
+def test_rank_above_64_takes_the_pytorch_path_with_one_warning(monkeypatch):
+    """The Triton kernels hold the rank in one tile of at most 64: the launcher sends a larger rank to the PyTorch
+    path (the same result, bit for bit) and says so once per process, not once per call."""
+    from sftfuse.kernels import _registry
+
+    monkeypatch.setattr(_registry, "_WARNED", set())
+    monkeypatch.setenv("SFTFUSE_BACKEND", "triton")
+    x, W = randn(9, 16, requires_grad=True), randn(12, 16)
+    A, B = randn(72, 16, requires_grad=True), randn(12, 72, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [lora_linear(x, W, A, B, 0.5) for _ in range(2)]
+        grads = torch.autograd.grad(ys[0].sum(), (x, A, B))
+    assert [str(w.message) for w in caught if "rank" in str(w.message)] == [
+        "lora: rank 72 > 64 takes the PyTorch path (the Triton kernels hold the rank in one tile of at most 64)"]
+    monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
+    y = lora_linear(x, W, A, B, 0.5)
+    assert torch.equal(ys[1], y)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(y.sum(), (x, A, B)), strict=True))
 
 
 def test_bad_arguments():

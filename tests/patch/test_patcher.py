@@ -189,7 +189,7 @@ def test_generate_unchanged(family):
 @pytest.mark.parametrize("mlp", ["recompute", "save", False])
 def test_mlp_modes_match_unpatched_and_stay_out_of_no_grad(mlp, monkeypatch):
     """Each MLP mode trains as the unpatched model (fp32); under no_grad the original forward runs. (Dropout masks
-    through the recomputed forward: tests/test_fused_blocks.py.)"""
+    through the recomputed forward: tests/ops/test_fused_blocks.py.)"""
     ref_model = lora_model("qwen3")
     patched = copy.deepcopy(ref_model)
     report = patch_model(patched, mlp=mlp, strict=True)
