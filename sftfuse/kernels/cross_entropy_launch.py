@@ -189,7 +189,7 @@ def lce_bwd_triton(h, weight, bias, y, lse, row_weight, *, label_smoothing=0.0, 
             h, weight, h if bias is None else bias, y, lse, row_weight.float().contiguous(), dh,
             dh if dw is None else dw, dh if db is None else db, n, V, H, h.stride(0), weight.stride(0),
             bias is not None, float(label_smoothing), float(z_loss), float(softcap or 0.0), float(logit_scale),
-            float(filter_eps), COMPUTE_DW=dw is not None, **cfg)
+            float(filter_eps), COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, **cfg)
     return dh, dw, db
 
 

@@ -95,7 +95,7 @@ def _lce_bwd_kernel(
     # flags and options
     has_bias, label_smoothing, z_loss, softcap, logit_scale, filter_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, FP32: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,7 +112,7 @@ def _lce_bwd_kernel(
         t = z / softcap
         g = g * (1.0 - t * t)
     g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-    if has_bias:
+    if COMPUTE_DB:  # not has_bias: a frozen bias is added to the logits but gets no gradient
         tl.atomic_add(db_ptr + offs_n, tl.sum(g, 0), mask=col_ok)
     if tl.max(tl.max(tl.abs(g), 1), 0) >= filter_eps:  # filter_eps = 0 (default) never skips
         gd = g if UPCAST else g.to(w_ptr.dtype.element_ty)
@@ -174,11 +174,12 @@ def _specs() -> list[KernelSpec]:
                                 cfg["num_warps"], cfg["num_stages"], ("h_ptr", "w_ptr", "stride_hm", "stride_wv")))
         cfg = _triton_config(dtype, "bwd", interpret=False)
         sig = {**common, "lse_ptr": "*fp32", "rw_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32",
-               "db_ptr": "*fp32", "filter_eps": "fp32", **{m: "constexpr" for m in (*meta, "COMPUTE_DW")}}
+               "db_ptr": "*fp32", "filter_eps": "fp32",
+               **{m: "constexpr" for m in (*meta, "COMPUTE_DW", "COMPUTE_DB")}}
         sig = {a: sig[a] for a in _lce_bwd_kernel.arg_names}
-        for dw in (True, False):
+        for dw, db in ((True, True), (True, False), (False, False)):  # a trained bias comes with a trained weight
             specs.append(KernelSpec(f"lce_bwd_{p[1:]}", _lce_bwd_kernel, sig,
-                                    {**{m: cfg[m] for m in meta}, "COMPUTE_DW": dw}, cfg["num_warps"],
+                                    {**{m: cfg[m] for m in meta}, "COMPUTE_DW": dw, "COMPUTE_DB": db}, cfg["num_warps"],
                                     cfg["num_stages"], ("h_ptr", "w_ptr", "dh_ptr", "dw_ptr", "stride_hm",
                                                         "stride_wv", "H")))
     return specs

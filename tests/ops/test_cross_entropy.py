@@ -205,6 +205,26 @@ def test_triton_launchers_see_counted_rows_and_write_every_output(monkeypatch):
     _check(hidden, weight, bias, labels, reduction="none")
 
 
+# A frozen bias (a head whose bias does not require grad, with or without a trained weight): found by running a
+# peer's (Liger's) cases on the Triton path, whose launcher once passed the hidden-gradient buffer as the absent bias
+# gradient's while the kernel still summed into it: db landed in dh's first V entries (wrong input gradients), and
+# past dh's end when V > n x H (the interpreter process died). Both sizes are here: 37 x 2 rows (V < n H) and 3.
+@pytest.mark.parametrize("lead", [(2, 37), (1, 3)], ids=["V-below-nH", "V-above-nH"])
+@pytest.mark.parametrize("train_weight", [False, True], ids=["frozen-weight", "trained-weight"])
+def test_frozen_bias_gets_no_gradient(backend, lead, train_weight):
+    hidden, weight, bias, labels = _inputs(lead, 64, 1031, torch.float32, masked=0.3)
+    bias.requires_grad_(False)
+    weight.requires_grad_(train_weight)
+    leaves = [hidden, weight] if train_weight else [hidden]
+    out = linear_cross_entropy(hidden, weight, labels, bias=bias)
+    grads = torch.autograd.grad(out, leaves)
+    ref64 = [t.detach().double().requires_grad_() for t in leaves]
+    w64 = ref64[1] if train_weight else weight.detach().double()
+    ref = linear_cross_entropy_ref(ref64[0], w64, labels, bias=bias.double())
+    for name, g, r in zip(("grad_hidden", "grad_weight"), grads, torch.autograd.grad(ref, ref64)):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
 def test_frozen_weight_gets_no_gradient_work(backend, monkeypatch):
     """LoRA: the head is frozen, so the weight gradient is never formed (the paths are told so)."""
     flags = []
