@@ -11,13 +11,13 @@ way PEFT writes it (`adapter_config.json` + `adapter_model.safetensors`, keys
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from sftfuse.train import outdir as od
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,6 +77,15 @@ def adapter_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None) ->
     return out
 
 
+def master_tensors(model: nn.Module, masters: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT-keyed adapter tensors taken from `masters`, the fp32 copies of the model's trainable parameters (in
+    `named_parameters()` order)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_name = dict(zip(names, masters, strict=True))
+    return {f"{PEFT_PREFIX}{mod}.{part}.weight": by_name[f"{mod}.{part}"].detach().cpu().clone()
+            for mod in lora_modules(model) for part in ("lora_A", "lora_B")}
+
+
 def peft_config(*, r: int, lora_alpha: float, lora_dropout: float, target_modules, use_rslora: bool,
                 base_model: str | None) -> dict:
     """The fields PEFT's LoraConfig reads back (peft 0.21; tests/train/test_trainer.py loads them with PEFT)."""
@@ -87,38 +96,24 @@ def peft_config(*, r: int, lora_alpha: float, lora_dropout: float, target_module
             "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model}
 
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write `tensors` and `config` to `out_dir` atomically (a temporary sibling directory, then a rename)."""
-    from safetensors.torch import save_file
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
+                  overwrite: bool = False) -> Path:
+    """Write `tensors` and `config` to `out_dir` whole (a temporary sibling, fsynced, swapped in; `outdir`).
 
-    out_dir = Path(out_dir)
-    tmp = staging_dir(out_dir.parent, f".tmp-{out_dir.name}-")
-    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    replace_dir(tmp, out_dir)
-    return out_dir
-
-
-def staging_dir(parent: Path, prefix: str) -> Path:
-    """A fresh directory under `parent` (created if missing) to fill and then move into place with `replace_dir`.
-
-    mkdtemp makes it private (0700); what lands there is an ordinary output directory, so it is opened to 0755.
+    Raises:
+        OutputError: `out_dir` holds files sftfuse did not write and `overwrite` is false.
+        DiskFullError: the disk filled up (the temporary is removed, a previous `out_dir` is untouched).
     """
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(tmp, 0o755)
-    return tmp
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished directory `tmp` onto `target`. A crash at any point leaves `target` whole (old or new)."""
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    out_dir = Path(out_dir)
+    od.check_target(out_dir, overwrite=overwrite)
+    tmp = od.staging_dir(out_dir.parent, out_dir.name)
+    try:
+        od.save_tensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        od.write_file(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return od.replace_dir(tmp, out_dir, overwrite=overwrite)
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -200,17 +195,35 @@ def merge_tensors_into_(model: nn.Module, tensors: dict[str, torch.Tensor], conf
     return merged
 
 
-def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None) -> Path:
-    """`sftfuse merge`: load the adapter's base model, fold the adapter in, save safetensors + tokenizer."""
+def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None,
+                      overwrite: bool = False) -> Path:
+    """`sftfuse merge`: load the adapter's base model, fold the adapter in, save safetensors + tokenizer.
+
+    `out_dir` is replaced whole, and only when it is missing, empty, an earlier `sftfuse merge`'s output holding
+    nothing else, or `overwrite` is true.
+
+    Raises:
+        OutputError: `out_dir` holds files sftfuse did not write (checked before the model loads).
+        DiskFullError: the disk filled up (the temporary is removed, a previous `out_dir` is untouched).
+    """
     from sftfuse.train.models import load_model_and_tokenizer
 
+    out_dir = Path(out_dir)
+    if out_dir.resolve() in (Path(adapter_dir).resolve(), *Path(adapter_dir).resolve().parents):
+        raise od.OutputError(f"{out_dir}: the merged model would replace the adapter {adapter_dir} it is made from; "
+                             "choose another directory")
+    od.check_target(out_dir, overwrite=overwrite)
+    od.clean_stale(out_dir.parent)
     tensors, config = read_adapter(adapter_dir)
     src = base_model or config.get("base_model_name_or_path")
     model, tok = load_model_and_tokenizer(None if src in (None, DEFAULT_MODEL_ID) else src)
     merge_tensors_into_(model, tensors, config)
-    out_dir = Path(out_dir)
-    tmp = staging_dir(out_dir.parent, f".tmp-{out_dir.name}-")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    replace_dir(tmp, out_dir)
-    return out_dir
+    tmp = od.staging_dir(out_dir.parent, out_dir.name)
+    try:
+        with od.disk_errors(tmp):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return od.replace_dir(tmp, out_dir, overwrite=overwrite)

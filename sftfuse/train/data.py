@@ -1,19 +1,17 @@
 """SFT data: read, validate, tokenize with prompt masking, pack, collate.
 
 Reading. `read_rows` takes a JSONL, JSON (an array of records), CSV or Parquet file, or a directory written by
-`datasets.save_to_disk`, and detects one of four formats from the first record's keys: Alpaca (`instruction`,
-optional `input`, `output`), `prompt`/`completion`, chat `messages` (roles system/user/assistant) or plain `text`.
-Every record is validated; the first bad one (invalid JSON, a missing field, a wrong type, an unknown role) raises
-`DataError` with `file:line N` (`row N` for Parquet and `datasets`), or with `skip_bad_rows=True` is counted and
-dropped. Rows come out normalized: {"messages": [...]}, {"prompt", "completion"} (Alpaca is rendered into that with
-a fixed template) or {"text"}, plus "family" when the record has one.
+`datasets.save_to_disk` (`sftfuse.train.data_io`), and reads each record in one of four formats, detected from its
+keys unless one is given: Alpaca (`instruction`, optional `input`, `output`), `prompt`/`completion`, chat
+`messages` (roles system/user/assistant) or plain `text`. The format is decided per record, so one stray row
+cannot make every other row look bad; a file that mixes formats says so in its data report. Every record is
+validated; the first bad one (invalid JSON, bytes that are not UTF-8, a missing field, a wrong type, an unknown
+role) raises `DataError` with `file:line N` (`row N` for Parquet and `datasets`), or with `skip_bad_rows=True` is
+counted and dropped. Rows come out normalized: {"messages": [...]}, {"prompt", "completion"} (Alpaca is rendered
+into that with a fixed template) or {"text"}, plus "family" and "answer" when the record has them; each row keeps
+its location, so that a row the tokenizer later refuses is named (or skipped) the same way.
 
-Tokenizing. Labels are -100 on every token the model should not learn to produce: the prompt, and for chats
-everything outside assistant turns. A chat is rendered once with the tokenizer's chat template; each assistant
-turn's character span is found by rendering the conversation up to it (with the generation prompt) and up to its
-end, which works for any template that renders a conversation as a prefix of a longer one; templates that rewrite
-earlier turns (e.g. dropping reasoning) fall back to locating the turn's text. Token labels then follow from the
-fast tokenizer's character offsets. Responses end with EOS (the chat template's end-of-turn token where it is EOS).
+Tokenizing (`sftfuse.train.data_tokenize`): labels -100 outside responses, chats through the chat template.
 
 Packing. Best-fit-decreasing puts documents into rows of `max_length` tokens. `position_ids` restart at each
 document, the first label of each document is masked (its predecessor belongs to another document) and `collate`
@@ -24,33 +22,56 @@ so each document's loss is the same as if it ran alone.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sftfuse.train.data_io import DataError, records
+from sftfuse.train.data_io import FORMATS, DataError, records
 from sftfuse.train.data_report import DataReport, quality_report  # noqa: F401  (part of this module's API)
+from sftfuse.train.data_tokenize import prompt_ids, tokenize_rows, tokenize_rowset  # noqa: F401  (API)
 
-FORMATS = ("alpaca", "prompt_completion", "messages", "text")
 ROLES = ("system", "user", "assistant")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 _MAX_KEPT_ERRORS = 20
+_SKIP_HINT = " (pass --skip-bad-rows to skip bad rows)"
 
 
 @dataclass
 class RowSet:
-    """Validated, normalized rows of one file."""
+    """Validated, normalized rows of one file, each with its location ("line N", "row N") in `locs`."""
 
     rows: list[dict]
-    fmt: str
+    fmt: str  # the format of most rows (or the one asked for)
     path: str
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # the first skipped rows' messages
+    locs: list[str] = field(default_factory=list)
+    formats: dict = field(default_factory=dict)  # rows per format
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def where(self, i: int) -> str:
+        """The location of row i, "file:line N" ("file:row N" for rows made without locations)."""
+        return f"{self.path}:{self.locs[i] if i < len(self.locs) else f'row {i + 1}'}"
+
+    def bad_row(self, msg: str, *, skip: bool) -> None:
+        """A bad row (`msg` names file and line): raise DataError, or with `skip` count it."""
+        if not skip:
+            raise DataError(msg + _SKIP_HINT)
+        self.skipped += 1
+        if len(self.errors) < _MAX_KEPT_ERRORS:
+            self.errors.append(msg)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at `indices`; raises DataError when none is left."""
+        self.rows = [self.rows[i] for i in indices]
+        self.locs = [self.locs[i] for i in indices if i < len(self.locs)]
+        if not self.rows:
+            raise DataError(f"{self.path}: no valid rows ({self.skipped} bad rows skipped)")
 
 
 def bundled_path(split: str) -> Path:
@@ -63,15 +84,30 @@ def bundled_path(split: str) -> Path:
 
 
 def default_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer: from the model cache when present, else through load_default_model."""
+    """SmolLM2-135M-Instruct's tokenizer: from the model cache when present, else from the GGUF file alone (a few
+    seconds; the model itself is not loaded)."""
     from transformers import AutoTokenizer
 
-    from sftfuse.train.models import cache_dir, load_default_model
+    from sftfuse.train.models import cache_dir, gguf_path
 
     cached = cache_dir() / "SmolLM2-135M-Instruct"
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(cached)
-    return load_default_model()[1]
+    src = gguf_path()
+    return AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+
+
+def load_tokenizer(model: str | None):
+    """The tokenizer of `model` as `sftfuse train` loads it: an HF directory or hub id, a .gguf file, or None for
+    the default model; loaded on its own, without the model's weights."""
+    from transformers import AutoTokenizer
+
+    if model is None:
+        return default_tokenizer()
+    if str(model).endswith(".gguf"):
+        p = Path(model)
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(model)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -136,18 +172,20 @@ def normalize_record(rec, fmt: str) -> dict:
     if rec.get("family") not in (None, ""):  # an empty CSV cell means no family
         row["family"] = str(rec["family"])
     for extra in ("answer",):  # kept for task checkers
-        if extra in rec:
+        if rec.get(extra) is not None:
             row[extra] = rec[extra]
     return row
 
 
-def read_rows(path, *, fmt: str | None = None, skip_bad_rows: bool = False) -> RowSet:
+def read_rows(path, *, fmt: str | None = None, skip_bad_rows: bool = False, split: str = "train") -> RowSet:
     """Read and validate a dataset file or `datasets` directory.
 
     Args:
         path: a .jsonl/.json/.csv/.parquet file or a directory saved by `datasets`.
-        fmt: one of FORMATS, or None to detect it from the first record.
+        fmt: one of FORMATS, or None to detect it per record.
         skip_bad_rows: count and drop bad rows instead of raising.
+        split: the role of the file, "train", "validation" or "test": the split read from a DatasetDict directory
+            (validation: the first of validation, val, dev, test).
 
     Raises:
         DataError: naming the file and line (or row) of the first bad record, or the file if it holds no rows.
@@ -158,115 +196,21 @@ def read_rows(path, *, fmt: str | None = None, skip_bad_rows: bool = False) -> R
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     out = RowSet(rows=[], fmt=fmt or "", path=str(path))
-    for loc, rec in records(path):
+    counts: Counter = Counter()
+    for loc, rec in records(path, split=split):
         try:
             if isinstance(rec, DataError):
                 raise rec
-            if not out.fmt:
-                out.fmt = detect_format(rec)
-            out.rows.append(normalize_record(rec, out.fmt))
+            row_fmt = fmt or detect_format(rec)
+            out.rows.append(normalize_record(rec, row_fmt))
+            out.locs.append(loc)
+            counts[row_fmt] += 1
         except DataError as e:
-            msg = f"{path}:{loc}: {e}"
-            if not skip_bad_rows:
-                raise DataError(msg + " (pass --skip-bad-rows to skip bad rows)") from None
-            out.skipped += 1
-            if len(out.errors) < _MAX_KEPT_ERRORS:
-                out.errors.append(msg)
+            out.bad_row(f"{path}:{loc}: {e}", skip=skip_bad_rows)
     if not out.rows:
         raise DataError(f"{path}: no valid rows" + (f" ({out.skipped} bad rows skipped)" if out.skipped else ""))
-    return out
-
-
-# -------------------------------------------------------------------------------------------- tokenizing
-
-def _chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans [start, end) of its assistant turns (end-of-turn included)."""
-    render = tokenizer.apply_chat_template
-    full = render(messages, tokenize=False)
-    eos = tokenizer.eos_token or ""
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = upto = None
-        if i:  # a chat opening with an assistant turn has no prefix to render: use the fallback
-            try:
-                before = render(messages[:i], tokenize=False, add_generation_prompt=True)
-                upto = render(messages[: i + 1], tokenize=False)
-            except Exception:  # noqa: BLE001  (a template may refuse a partial chat)
-                before = upto = None
-        if before is not None and full.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
-            start, end = len(before), len(upto)
-            k = full.rfind(eos, start, end) if eos else -1
-            if k >= 0:  # stop after the end-of-turn token: trailing newlines belong to the template
-                end = k + len(eos)
-        else:  # the template rewrites earlier turns: locate the turn's text itself
-            start = full.find(m["content"], cursor)
-            if start < 0:
-                raise DataError(f"assistant message {i + 1} not found in the rendered chat template")
-            end = start + len(m["content"])
-            if eos and full.startswith(eos, end):
-                end += len(eos)
-        spans.append((start, end))
-        cursor = end
-    return full, spans
-
-
-def _tokenize_one(row: dict, tokenizer) -> tuple[list[int], list[int]]:
-    eos_id = tokenizer.eos_token_id
-    if "messages" in row:
-        full, spans = _chat_spans(row["messages"], tokenizer)
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        labels = [-100] * len(ids)
-        si = 0
-        for t, (a, b) in enumerate(enc["offset_mapping"]):
-            while si < len(spans) and a >= spans[si][1]:
-                si += 1
-            if si < len(spans) and spans[si][0] <= a < spans[si][1] and b > a:
-                labels[t] = ids[t]
-        trained = [t for t, lab in enumerate(labels) if lab != -100]
-        if row["messages"][-1]["role"] == "assistant" and eos_id is not None and trained \
-                and ids[trained[-1]] != eos_id:  # a template that does not end turns with EOS
-            ids.append(eos_id)
-            labels.append(eos_id)
-        return ids, labels
-    if "text" in row:
-        ids = list(tokenizer(row["text"])["input_ids"])
-        if eos_id is not None and (not ids or ids[-1] != eos_id):
-            ids.append(eos_id)
-        return ids, list(ids)
-    prompt = list(tokenizer(row["prompt"])["input_ids"])
-    if eos_id is not None and prompt and prompt[-1] == eos_id:  # tokenizers that append EOS to every text
-        prompt.pop()
-    resp = list(tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
-    if eos_id is not None:
-        resp.append(eos_id)
-    return prompt + resp, [-100] * len(prompt) + resp
-
-
-def tokenize_rows(rows: list[dict], tokenizer, *, max_length: int, fmt: str) -> list[dict]:
-    """Tokenize normalized rows with prompt masking, EOS on responses and truncation to `max_length`.
-
-    Returns one dict per row: "input_ids" and "labels" (lists of length <= max_length, labels -100 on prompt /
-    non-assistant tokens), "truncated", "n_response_lost" (response tokens cut off), "prompt_cut" (the cut fell
-    before the first response token) and "length" (tokens before truncation).
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
-    if max_length < 2:
-        raise ValueError(f"max_length={max_length}: expected >= 2")
-    if any("messages" in r for r in rows) and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("tokenizer has no chat template: chat rows need one (or use prompt/completion rows)")
-    out = []
-    for row in rows:
-        ids, labels = _tokenize_one(row, tokenizer)
-        n = len(ids)
-        first_resp = next((t for t, lab in enumerate(labels) if lab != -100), None)
-        lost = sum(lab != -100 for lab in labels[max_length:])
-        out.append({"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": n > max_length,
-                    "n_response_lost": lost, "prompt_cut": first_resp is not None and first_resp >= max_length,
-                    "length": n})
+    out.formats = dict(counts.most_common())
+    out.fmt = fmt or next(iter(out.formats))
     return out
 
 

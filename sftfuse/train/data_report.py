@@ -7,7 +7,8 @@ What it counts, and how:
 - empty responses: a completion or an assistant turn that is empty or whitespace only;
 - prompt-only rows: chats without an assistant turn (nothing to learn from);
 - truncation: rows cut by max_length, rows whose prompt alone exceeds it, and the share of response tokens lost;
-- train/validation overlap: validation rows whose normalized text, or normalized prompt, occurs in the training set.
+- train/validation overlap: validation rows whose normalized text, or normalized prompt, occurs in the training set;
+- formats: rows per format, a warning when a file mixes them (each row is read in its own format).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class DataReport:
     val_overlap_rows: int | None = None  # same normalized text as a training row
     val_prompt_overlap_rows: int | None = None  # same normalized prompt
     families: dict = field(default_factory=dict)
+    formats: dict = field(default_factory=dict)  # rows per format
+    notes: list = field(default_factory=list)  # facts the run adds (e.g. how test families are scored)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +81,9 @@ class DataReport:
         w = []
         if self.skipped_rows:
             w.append(f"{self.skipped_rows} bad rows skipped")
+        if len(self.formats) > 1:
+            w.append(f"rows of several formats ({', '.join(f'{k} {v}' for k, v in self.formats.items())}): each "
+                     f"row is read in its own format")
         if self.exact_duplicates or self.near_duplicates:
             w.append(f"{self.exact_duplicates} exact and {self.near_duplicates} near duplicate rows")
         if self.empty_responses:
@@ -102,7 +108,7 @@ class DataReport:
         if self.val_rows is not None:
             lines.append(f"validation: {self.val_rows} rows, {self.val_overlap_rows} overlap training")
         lines += [f"warning: {w}" for w in self.warnings()] or ["no data problems found"]
-        return lines
+        return lines + [f"note: {n}" for n in self.notes]
 
     def to_markdown(self) -> str:
         p = self.length_percentiles
@@ -126,6 +132,8 @@ class DataReport:
         w = self.warnings()
         if w:
             out += [""] + [f"- **warning**: {x}" for x in w]
+        if self.notes:
+            out += [""] + [f"- note: {x}" for x in self.notes]
         return "\n".join(out) + "\n"
 
 
@@ -173,7 +181,7 @@ def quality_report(rowset, examples: list[dict], *, max_length: int, val_rows=No
         max_length=max_length,
         length_percentiles={f"p{q}": _percentile(lengths, q) for q in (50, 90, 95, 99)} | {
             "max": lengths[-1] if lengths else 0},
-        families=families,
+        families=families, formats=dict(getattr(rowset, "formats", None) or {rowset.fmt: len(rows)}),
     )
     if val_rows is not None:
         vrows = val_rows.rows if hasattr(val_rows, "rows") else list(val_rows)

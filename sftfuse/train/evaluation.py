@@ -1,7 +1,9 @@
 """What a run gained and what it lost: task accuracy and the forgetting probe (the report: `sftfuse.train.report`).
 
 - Task evaluation: greedy, batched generation (left padding, stop at EOS, `max_new_tokens` short because the
-  bundled answers are short) on the test split's prompts, scored per family by `sftfuse.train.tasks.score`.
+  bundled answers are short) on the test split's prompts, each tokenized as training tokenized its row (a
+  prompt/completion row's raw prompt, a chat through the template), scored per family by
+  `sftfuse.train.tasks.score` (a family without a checker by normalised exact match, and the result says so).
 - Forgetting probe: before training the base model answers a fixed set of general prompts (outside the training
   tasks). The mean per-token NLL of those answers under the base model and under the tuned model, and the
   relative change, say how far the model drifted from its own behaviour. `replay_ratio` mixes these answers
@@ -17,22 +19,10 @@ from pathlib import Path
 
 import torch
 
+from sftfuse.train.data_io import DataError
+from sftfuse.train.data_tokenize import prompt_ids, prompt_messages  # noqa: F401  (prompt_messages: API)
+
 # -- prompts -----------------------------------------------------------------------------------------------------
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """The conversation up to (not including) the answer to be generated."""
-    if "messages" in row:
-        msgs = list(row["messages"])
-        while msgs and msgs[-1].get("role") == "assistant":
-            msgs.pop()
-        return msgs
-    if "prompt" in row:
-        return [{"role": "user", "content": row["prompt"]}]
-    if "instruction" in row:
-        text = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": text}]
-    raise ValueError(f"row has no messages/prompt/instruction: keys {sorted(row)}")
 
 
 def render_prompt(tok, messages: list[dict]) -> str:
@@ -41,21 +31,42 @@ def render_prompt(tok, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
+def _probe_text(item) -> str | None:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        return item["prompt"]
+    if isinstance(item, dict) and isinstance(item.get("messages"), list):
+        users = [m.get("content") for m in item["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        return users[0] if users and isinstance(users[0], str) else None
+    return None
+
+
 def load_probe_prompts(path: str | Path) -> list[str]:
-    """A JSON list of strings, or of objects with 'prompt' (or 'messages'), or {'prompts': [...]}."""
-    data = json.loads(Path(path).read_text())
+    """A JSON list of strings, or of objects with 'prompt' (or 'messages'), or {'prompts': [...]}.
+
+    Raises:
+        DataError: naming the file (and line), when it is not such a list or holds no prompt.
+    """
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the probe prompts ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict):
         data = data.get("prompts", [])
     out = []
-    for item in data:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, dict) and "prompt" in item:
-            out.append(item["prompt"])
-        elif isinstance(item, dict) and "messages" in item:
-            out.append(next(m["content"] for m in item["messages"] if m["role"] == "user"))
-        else:
-            raise ValueError(f"{path}: probe prompt {item!r} is neither a string nor has 'prompt'")
+    for i, item in enumerate(data if isinstance(data, list) else [data], 1):
+        text = _probe_text(item)
+        if text is None:
+            raise DataError(f"{path}: probe prompt {i} ({item!r:.60}) is neither a string nor has a 'prompt' or a "
+                            f"user message")
+        out.append(text)
+    if not out:
+        raise DataError(f"{path}: no probe prompts (expected a JSON list of strings)")
     return out
 
 
@@ -63,43 +74,47 @@ def load_probe_prompts(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
-    """Greedy completions of rendered `prompts`, batched with left padding; sorted by length to waste little."""
+def generate(model, tok, prompts: list, *, max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
+    """Greedy completions of `prompts` (rendered strings, tokenized without special tokens added, or lists of
+    token ids), batched with left padding; sorted by length to waste little."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str | None] = [None] * len(prompts)
+    ids = [list(p) if not isinstance(p, str) else tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str | None] = [None] * len(ids)
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            for i, seq in zip(idx, new, strict=False):
+            width = max(len(ids[i]) for i in idx)
+            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in idx], device=device)
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            for i, seq in zip(idx, gen[:, width:], strict=False):
                 out[i] = tok.decode(seq, skip_special_tokens=True).strip()
     finally:
-        tok.padding_side = old_side
         model.train(was_training)
     return out
 
 
 def task_eval(model, tok, rows: list[dict], *, max_new_tokens: int, batch_size: int) -> dict:
-    """Accuracy per family on `rows` (each with 'family'). Returns {'families': {f: {correct, total, acc}},
-    'mean_acc', 'predictions', 'seconds'}; mean_acc averages the families (not the rows)."""
-    from sftfuse.train.tasks import score
+    """Accuracy per family on `rows` (normalized rows, each with 'family'; none: family "all"). Each prompt is
+    tokenized the way training tokenized its row (`data_tokenize.prompt_ids`). Returns {'families': {f: {correct,
+    total, acc, scoring}}, 'mean_acc', 'predictions', 'seconds'}; mean_acc averages the families (not the rows);
+    `scoring` says whether the family's own checker or normalised exact match scored it (`tasks.scoring`)."""
+    from sftfuse.train.tasks import score, scoring
 
     t0 = time.perf_counter()
-    prompts = [render_prompt(tok, prompt_messages(r)) for r in rows]
+    prompts = [prompt_ids(r, tok) for r in rows]
     preds = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     fams: dict[str, dict] = {}
     for row, pred in zip(rows, preds, strict=False):
-        f = fams.setdefault(row.get("family", "all"), {"correct": 0, "total": 0})
+        fam = row.get("family", "all")
+        f = fams.setdefault(fam, {"correct": 0, "total": 0, "scoring": scoring(fam)})
         f["total"] += 1
-        f["correct"] += int(bool(score(row.get("family", "all"), pred, row)))
+        f["correct"] += int(bool(score(fam, pred, row)))
     for f in fams.values():
         f["acc"] = f["correct"] / f["total"]
     mean = sum(f["acc"] for f in fams.values()) / max(len(fams), 1)

@@ -12,12 +12,12 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from sftfuse.patch.families import FAMILIES
+from sftfuse.train import outdir as od
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,38 @@ def load_default_model(*, dtype: torch.dtype = torch.float32, cache: bool = True
 
     src = gguf_path()
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if cache and (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(target)
-        return model, tok
+    cached = lambda: (target / "config.json").exists() and (target / "tokenizer_config.json").exists()  # noqa: E731
+    if not cache:
+        return _read_gguf(src, dtype)
+    if not cached():
+        # Under a lock: processes loading the model for the first time at once (torchrun's ranks) read the GGUF
+        # once; the others wait, then find the cache.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with od.locked(target.parent / ".sftfuse-cache.lock"):
+            if not cached():
+                od.clean_stale(target.parent)
+                model, tok = _read_gguf(src, torch.float32)
+                tmp = od.staging_dir(target.parent, target.name)
+                try:
+                    with od.disk_errors(tmp):
+                        model.save_pretrained(tmp)
+                        tok.save_pretrained(tmp)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                od.replace_dir(tmp, target, overwrite=True)  # whole: a crash leaves no cache or a whole one
+                return model.to(dtype), tok
+    return AutoModelForCausalLM.from_pretrained(target, dtype=dtype), AutoTokenizer.from_pretrained(target)
+
+
+def _read_gguf(src: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("loading %s (first load reads the GGUF, about 20 s)", src)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     clear_gguf_flags(model)
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    if cache:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # atomic: a crash leaves either no cache or a whole one
     return model.to(dtype), tok
 
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftfuse.train import outdir as od
+
+
+def json_line(rec: dict) -> str:
+    """One strict JSON line: a NaN or infinite value (a diverged loss) is written as null."""
+    return json.dumps(od.finite_or_none(rec), allow_nan=False) + "\n"
+
 
 class MetricsLog:
     """`metrics.jsonl`: one JSON line per logged step, appended as the run goes (rank 0 only writes)."""
@@ -14,8 +21,8 @@ class MetricsLog:
 
     def append(self, rec: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            with od.disk_errors(self.path), open(self.path, "a") as f:
+                f.write(json_line(rec))
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -31,7 +38,7 @@ class MetricsLog:
     def keep_until(self, step: int) -> None:
         """Drop the lines of steps after `step` (a resumed run redoes them); everything when step is 0."""
         kept = [m for m in self.read() if m.get("step", 0) <= step] if step else []
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        od.write_atomic(self.path, "".join(json_line(m) for m in kept))
 
 
 def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
@@ -41,8 +48,9 @@ def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    nan = float("nan")  # a skipped non-finite step is null in metrics.jsonl: a gap in the curve
+    train = [(m["step"], nan if m["loss"] is None else m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], nan if m["val_loss"] is None else m["val_loss"]) for m in metrics if "val_loss" in m]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -105,13 +113,19 @@ def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: di
         lines += ["Not run (probe=false).", ""]
     lines += ["## Training", ""]
     early = "; stopped early" if run["stopped_early"] else ""
-    lines += [f"- steps: {run['steps']} (of {run['planned_steps']} planned){early}",
+    lines += [f"- steps: {run['steps']} (of {run['planned_steps']} planned){early}"]
+    if run.get("bad_steps"):
+        lines += [f"- steps skipped for a non-finite loss or gradient norm: {run['bad_steps']}"]
+    if run.get("stop_reason"):
+        lines += [f"- stopped: {run['stop_reason']}"]
+    lines += [
               f"- final train loss: {run['final_loss']:.4f}" if run.get("final_loss") is not None else "- no steps",
               f"- best validation loss: {run['best_val_loss']:.4f} at step {run['best_step']} (its adapter is kept)"
               if run.get("best_val_loss") is not None else "- no validation",
               (f"- throughput: {run['tokens_per_s']:.0f} tokens/s ({run['train_tokens']} tokens, "
               f"{run['train_seconds']:.0f} s of training)"),
               f"- peak memory: {run['peak_memory']}",
+              _parity_line(run.get("patch_parity")),
               (f"- wall time: {run['wall_seconds']:.0f} s in all (model load {run['load_seconds']:.0f} s, "
               f"evaluations and probe {run['eval_seconds']:.0f} s); process CPU time {run['cpu_seconds']:.0f} s "
               f"on {run['threads']} threads"), ""]
@@ -122,8 +136,23 @@ def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: di
     import yaml
 
     lines += [yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
-    Path(path).write_text("\n".join(lines))
-    return Path(path)
+    return od.write_atomic(path, "\n".join(lines))
+
+
+def write_outputs(out: Path, metrics: list[dict], *, cfg: dict, data_md: str | None, before: dict | None,
+                  after: dict | None, probe: dict | None, run: dict, adapter_dir, quiet: bool) -> Path:
+    """The end of a run: loss curve, report.md, results.json (strict JSON: NaN and infinities as null) and the
+    console summary. `run` gets the last finite train loss as "final_loss". Returns report.md's path."""
+    png = plot_losses(metrics, out / "loss_curve.png")
+    finite = [m["loss"] for m in metrics if isinstance(m.get("loss"), (int, float))]
+    run = {**run, "final_loss": finite[-1] if finite else None}
+    report = write_report(out / "report.md", cfg=cfg, data_md=data_md, before=before, after=after, probe=probe,
+                          run=run, loss_png=png.name if png else None)
+    summary = {"run": run, "before": strip_predictions(before), "after": strip_predictions(after), "probe": probe}
+    od.write_atomic(out / "results.json", json.dumps(od.finite_or_none(summary), indent=2, allow_nan=False) + "\n")
+    if not quiet:
+        print(summary_text(run, before, after, probe, adapter_dir, report), flush=True)
+    return report
 
 
 def strip_predictions(evald: dict | None) -> dict | None:
@@ -142,3 +171,12 @@ def summary_text(run: dict, before: dict | None, after: dict | None, probe: dict
                      f"{probe['tuned_nll']:.3f} ({100 * probe['relative_change']:+.1f}%)")
     lines.append(f"adapter: {adapter_dir}  report: {report_path}")
     return "\n".join(lines)
+
+
+def _parity_line(parity: dict | None) -> str:
+    if not parity:
+        return "- patch parity: not checked (patch=false or verify_patch=false)"
+    return (f"- patch parity (first batch, {parity['tokens']} tokens, against plain PyTorch in {parity['ref_dtype']}): "
+            f"loss and {parity['n_grads']} adapter gradients within tolerance; worst {parity['worst']} at "
+            f"{parity['ratio']:.2f} of its tolerance ({parity['seconds']:.1f} s)")
+

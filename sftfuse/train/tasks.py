@@ -15,6 +15,10 @@ Families (the prompt states the format each time):
 - `date_format`: an ISO date -> DD/MM/YYYY or "D Month YYYY", as asked.
 - `extract_field`: a shipping note -> one asked field's value only.
 - `bracket_upper`: a word -> the word in uppercase inside square brackets.
+
+A family without a checker (a user's own test file) is scored by normalised exact match: the reply equals the
+reference after `normalize_answer`, whitespace collapsed and case folded. The reference of a row is its "answer",
+else its last assistant message (or its completion).
 """
 
 from __future__ import annotations
@@ -94,16 +98,43 @@ _CHECKERS = {
 assert set(_CHECKERS) == set(FAMILY_NAMES)
 
 
+EXACT_MATCH = "normalised exact match"
+
+
+def scoring(family: str) -> str:
+    """How `score` scores `family`: "checker: <family>" or "normalised exact match"."""
+    return f"checker: {family}" if family in _CHECKERS else EXACT_MATCH
+
+
+def reference(row: dict) -> str | None:
+    """The text a reply to `row` is scored against: "answer", else the last assistant turn or the completion."""
+    if row.get("answer") is not None:
+        return str(row["answer"])
+    if "messages" in row:
+        return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "assistant"), None)
+    return row.get("completion")
+
+
+def _check_normalised(prediction: str, answer: str) -> bool:
+    norm = lambda s: " ".join(normalize_answer(s).split()).casefold()  # noqa: E731
+    return norm(prediction) == norm(answer)
+
+
 def score(family: str, prediction: str, row: dict) -> bool:
-    """Whether `prediction` (the model's reply, text only) answers `row` (a bundled row with "answer").
+    """Whether `prediction` (the model's reply, text only) answers `row`.
 
     Args:
-        family: one of FAMILY_NAMES.
+        family: one of FAMILY_NAMES (its checker), or any other name (normalised exact match).
         prediction: the generated assistant text.
-        row: the dataset row; its "answer" is the canonical answer.
+        row: the dataset row; `reference(row)` is the canonical answer.
+
+    Raises:
+        ValueError: when the row has no reference to score against.
     """
-    if family not in _CHECKERS:
-        raise ValueError(f"family={family!r}: expected one of {FAMILY_NAMES}")
     if not isinstance(prediction, str):
         raise TypeError(f"prediction: expected str, got {type(prediction).__name__}")
-    return _CHECKERS[family](prediction, str(row["answer"]))
+    ref = reference(row)
+    if ref is None:
+        raise ValueError(f"row has no 'answer' and no assistant message or completion to score against: keys "
+                         f"{sorted(row)}")
+    return _CHECKERS.get(family, _check_normalised)(prediction, ref)

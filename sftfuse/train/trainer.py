@@ -14,16 +14,18 @@ train:   steps of `grad_accum` micro-batches. The loss of a step is the sum of t
          (`save_checkpoint`; the I/O is `sftfuse.train.checkpoint`'s).
 finish:  keep the best adapter, write it in PEFT's format, merge it into a dense copy for the after-evaluation
          and the probe, write the loss curve, metrics and report.md (`sftfuse.train.report`).
-cleanup: tear down the process group.
+cleanup: release the output directory's lock, tear down the process group.
 
+Safety: the output directory is locked for the run and an earlier run's results in it are refused without
+`--resume` or `--overwrite` (`outdir`); resume checks the checkpoint's config (`checkpoint`); a non-finite loss
+skips the step, and `max_bad_steps` in a row stop the run with the last good adapter (`guard`).
 Under `torchrun` every process runs the same CLI; gradients are averaged by DDP (gloo on CPU, NCCL on GPU),
-rank 0 writes files and runs the evaluations.
+rank 0 writes files, runs the evaluations and takes the decisions every process follows (`control`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -37,10 +39,15 @@ import torch
 from sftfuse.train import adapter as ad
 from sftfuse.train import checkpoint as ck
 from sftfuse.train import evaluation as ev
+from sftfuse.train import outdir as od
 from sftfuse.train import report as rp
+from sftfuse.train.base_eval import evaluate_base, probe_prompts
 from sftfuse.train.config import TrainConfig
-from sftfuse.train.device import barrier, init_distributed, peak_memory, resolve_dtype
+from sftfuse.train.control import Control
+from sftfuse.train.device import init_distributed, peak_memory, resolve_dtype
+from sftfuse.train.guard import DivergedError, FiniteGuard
 from sftfuse.train.models import load_model_and_tokenizer
+from sftfuse.train.parity import check_patch_parity
 from sftfuse.train.run_data import RunData
 
 
@@ -73,6 +80,8 @@ class TrainResult:
     tokens_per_s: float = 0.0
     adapter_dir: Path | None = None
     report_path: Path | None = None
+    stop_reason: str | None = None  # why a diverged run stopped (`sftfuse.train.guard`)
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
 
 
 # ======================================================================================================= trainer
@@ -80,9 +89,10 @@ class Trainer:
     """One SFT run. Use `train(cfg)` unless you need the pieces: `setup()`, `train()`, `finish()` (the best adapter,
     the tuned model's evaluation and the report), `cleanup()`; `save_checkpoint()` runs at `checkpoint_interval`."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, quiet: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, overwrite: bool = False,
+                 allow_config_change: bool = False):
         self.cfg = cfg.validate()
-        self.resume = resume
+        self.resume, self.overwrite, self.allow_config_change = resume, overwrite, allow_config_change
         self.quiet = quiet
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -96,25 +106,30 @@ class Trainer:
         if self.rank == 0 and not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    def _barrier(self) -> None:
-        barrier(self.world)
+    def _claim_output_dir(self) -> None:
+        """Rank 0 makes output_dir this run's (`outdir.claim_run_dir`: lock, earlier run, debris); every process
+        learns why not. Then the checkpoint to resume from, and whether the new options fit it."""
+        self.lock_fd = self.ctl.on_rank0(lambda: od.claim_run_dir(self.out, resume=self.resume,
+                                                                  overwrite=self.overwrite), od.OutputError)
+        self.ckpt = ck.latest_checkpoint(self.ckpt_root) if self.resume else None
+        if self.resume and self.ckpt is None:
+            self.log(f"--resume: no checkpoint under {self.ckpt_root}; starting from scratch")
+        self.changed = [] if self.ckpt is None else ck.check_resume_config(
+            ck.read_state(self.ckpt).get("config", {}), self.cfg.to_dict(), path=self.ckpt,
+            allow_config_change=self.allow_config_change)
 
     def setup(self) -> None:
         cfg = self.cfg
         self.world, self.rank, self.device = init_distributed()
+        self.ctl = Control(self.world, self.rank)  # rank 0 decides, every process hears it (`control`)
         self.metrics.enabled = self.rank == 0
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ck.clean_temporaries(self.ckpt_root)  # debris of a killed run
-        self._barrier()
-        self.ckpt = ck.latest_checkpoint(self.ckpt_root) if self.resume else None
-        if self.resume and self.ckpt is None:
-            self.log(f"--resume: no checkpoint under {self.ckpt_root}; starting from scratch")
+        self._claim_output_dir()
 
         self.run_data = RunData(cfg)  # before the model: a bad row fails in a second, not after a load
+        self.run_data.check_tokens()  # so do rows the tokenizer refuses and data with nothing to learn
         t0 = time.perf_counter()
         self.model, self.tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
         self.model.to(self.device)
@@ -134,50 +149,18 @@ class Trainer:
             self._load_checkpoint(self.ckpt)
 
     def _evaluate_base(self) -> None:
-        """Test-split accuracy and probe answers of the base model (cached in the output dir for --resume)."""
-        cfg = self.cfg
+        """Test-split accuracy and probe answers of the base model (`sftfuse.train.base_eval`; rank 0's)."""
         t0 = time.perf_counter()
-        cache = self.out / "base_eval.json"
-        self.before, self.probe_prompts, self.probe_answers, self.probe_base_nll = None, [], [], []
-        if self.resume and cache.exists():
-            saved = json.loads(cache.read_text())
-            self.before, self.probe_prompts = saved["before"], saved["probe_prompts"]
-            self.probe_answers, self.probe_base_nll = saved["probe_answers"], saved["probe_base_nll"]
-        elif self.rank == 0:
-            if self.run_data.test_rows:
-                self.log(f"evaluating the base model on {len(self.run_data.test_rows)} test rows ...")
-                self.before = ev.task_eval(self.model, self.tok, self.run_data.test_rows,
-                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-                self.log(f"base model: mean accuracy over families {100 * self.before['mean_acc']:.1f}%")
-            if cfg.probe or cfg.replay_ratio > 0:
-                from sftfuse.train import data
-
-                path = cfg.probe_file or data.bundled_path("probe_prompts")
-                prompts = ev.load_probe_prompts(path)
-                self.probe_prompts = [ev.render_prompt(self.tok, [{"role": "user", "content": p}]) for p in prompts]
-                self.probe_raw = prompts
-                self.probe_answers = ev.generate(self.model, self.tok, self.probe_prompts,
-                                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-                self.probe_base_nll = ev.answer_nll(self.model, self.tok, self.probe_prompts, self.probe_answers)
-            saved = {"before": self.before, "probe_prompts": self.probe_prompts, "probe_answers": self.probe_answers,
-                     "probe_base_nll": self.probe_base_nll}
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(saved, indent=1))
-            os.replace(tmp, cache)
-        if self.world > 1:  # every process needs the probe answers for replay
-            box = [self.probe_prompts, self.probe_answers]
-            torch.distributed.broadcast_object_list(box, src=0)
-            self.probe_prompts, self.probe_answers = box
+        saved = evaluate_base(self.cfg, self.model, self.tok, self.run_data.test_rows, resume=self.resume,
+                              cache=self.out / "base_eval.json", rank=self.rank, log=self.log)
+        self.before, self.probe_base_nll = saved.get("before"), saved.get("probe_base_nll", [])
+        # every process needs the probe answers for replay; the others wait here while rank 0 evaluates
+        self.probe_prompts, self.probe_answers = self.ctl.from_rank0([saved.get("probe_prompts", []),
+                                                                   saved.get("probe_answers", [])])
         self.times["eval"] += time.perf_counter() - t0
 
     def _probe_user_texts(self) -> list[str]:
-        if not (self.cfg.replay_ratio > 0 and self.probe_answers):
-            return []
-        if getattr(self, "probe_raw", None):
-            return self.probe_raw
-        from sftfuse.train import data
-
-        return ev.load_probe_prompts(self.cfg.probe_file or data.bundled_path("probe_prompts"))
+        return probe_prompts(self.cfg) if self.cfg.replay_ratio > 0 and self.probe_answers else []
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -189,7 +172,7 @@ class Trainer:
                                          lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                          use_rslora=cfg.use_rslora)
         self.model.to(self.device)
-        self.patched = None
+        self.patched, self.parity, self.parity_due = None, None, cfg.patch and cfg.verify_patch
         if cfg.patch:
             from sftfuse.patch.patcher import patch_model
 
@@ -220,17 +203,11 @@ class Trainer:
         self.best_val, self.best_step, self.bad_evals = None, None, 0
         self.val_history: list[tuple[int, float]] = []
         self._rng_by_rank: dict | None = None
+        self.guard = FiniteGuard(self.masters, max_bad=cfg.max_bad_steps)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """Adapter tensors in PEFT keys, taken from the fp32 masters."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        by_name = dict(zip(names, self.masters, strict=False))
-        out = {}
-        for mod_name in ad.lora_modules(self.model):
-            for part in ("lora_A", "lora_B"):
-                out[f"{ad.PEFT_PREFIX}{mod_name}.{part}.weight"] = by_name[f"{mod_name}.{part}"].detach().cpu().clone()
-        return out
+        return ad.master_tensors(self.model, self.masters)
 
     def _adapter_config(self) -> dict:
         cfg = self.cfg
@@ -241,10 +218,12 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """adapter + optimizer + scheduler + RNG (per process) + data position, to `.tmp-*` then renamed."""
         state = {"consumed": self.consumed, "best_val": self.best_val, "best_step": self.best_step,
-                 "bad_evals": self.bad_evals, "val_history": self.val_history, "config": self.cfg.to_dict()}
+                 "bad_evals": self.bad_evals, "val_history": self.val_history, "config": self.cfg.to_dict(),
+                 "bad_in_a_row": self.guard.in_a_row, "bad_steps": self.guard.total}
         ck.save_checkpoint(self.ckpt_root, step=self.step, rank=self.rank, world=self.world,
                            adapter_tensors=self._adapter_tensors, adapter_config=self._adapter_config(),
-                           optimizer=self.opt, scheduler=self.sched, state=state, keep=self.cfg.keep_checkpoints)
+                           optimizer=self.opt, scheduler=self.sched, state=state, keep=self.cfg.keep_checkpoints,
+                           ctl=self.ctl)
 
     def _load_checkpoint(self, path: Path) -> None:
         state, self._rng_by_rank = ck.load_checkpoint(path, rank=self.rank, world=self.world, model=self.model,
@@ -253,6 +232,11 @@ class Trainer:
         self.step, self.consumed = state["step"], state["consumed"]
         self.best_val, self.best_step, self.bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
         self.val_history = [tuple(v) for v in state["val_history"]]
+        self.guard = FiniteGuard(self.masters, max_bad=self.cfg.max_bad_steps, in_a_row=state.get("bad_in_a_row", 0),
+                                 total=state.get("bad_steps", 0))
+        if self.changed:  # allowed by --allow-config-change: the new values hold from this step on
+            ck.apply_optimizer_options(self.opt, self.sched, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            self.log(f"resuming with changed options: {', '.join(self.changed)}")
         self.log(f"resumed from {path} (step {self.step})")
 
     # ---------------------------------------------------------------------------------------------- training
@@ -267,11 +251,13 @@ class Trainer:
                                          pad_id=self.tok.pad_token_id, mask_dtype=self.dtype)
         self.consumed += cfg.batch_size * cfg.grad_accum * self.world
         # Count the tokens that carry a loss (labels are shifted inside the model) over the whole step.
-        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
+        n_tok = self.ctl.sum([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))])[0]
+        n_tok = torch.tensor(n_tok, dtype=torch.float32)
         n_in = sum(b.pop("n_input_tokens") for b in batches)
-        if self.world > 1:
-            torch.distributed.all_reduce(n_tok)
         n_tok_dev = n_tok.to(self.device)
+        if self.parity_due:  # once, before the first update: the patched model against plain PyTorch
+            self.parity_due, self.parity = False, check_patch_parity(self.model, batches[0], dtype=self.dtype,
+                                                                     log=self.log, all_ok=self.ctl.all_ok)
         loss_sum = 0.0
         for j, b in enumerate(batches):
             sync = self.ddp is None or j == len(batches) - 1
@@ -286,20 +272,22 @@ class Trainer:
                 m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
                 p.grad = None
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.masters, cfg.grad_clip if cfg.grad_clip > 0 else 1e30))
+        # the step's loss over all processes, and whether any saw a non-finite gradient norm
+        loss_sum, bad = self.ctl.sum([loss_sum, 0.0 if math.isfinite(gnorm) else 1.0])
+        gnorm = gnorm if bad == 0 else math.nan
+        finite = math.isfinite(loss_sum) and math.isfinite(gnorm)
         lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
+        if finite:  # else the finite-loss guard skips the update (`sftfuse.train.guard`)
+            self.guard.keep()
+            self.opt.step()
+        self.sched.step()  # skipped steps included: the schedule stays that of the planned steps
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for m, p in zip(self.masters, self.params, strict=False):
                 p.copy_(m)
-        if self.world > 1:
-            t = torch.tensor([loss_sum])
-            torch.distributed.all_reduce(t)
-            loss_sum = float(t)
         self.step += 1
         return {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": int(n_tok),
-                "input_tokens": n_in * self.world}
+                "input_tokens": n_in * self.world, **({} if finite else {"skipped": True})}
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
@@ -320,6 +308,25 @@ class Trainer:
         self.model.train()
         return total / max(count, 1)
 
+    def _validate(self, rec: dict) -> bool:
+        """Validation loss into `rec`; keeps the best adapter. Rank 0's value decides for every process (ranks
+        never part ways). A NaN is never best: it counts as an evaluation without improvement. True: stop early."""
+        val = self.ctl.from_rank0(self._validation_loss())
+        rec["val_loss"] = val
+        self.val_history.append((self.step, val))
+        if math.isfinite(val) and (self.best_val is None or val < self.best_val - 1e-4):
+            self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+            if self.rank == 0:
+                ad.write_adapter(self.out / "best_adapter", self._adapter_tensors(), self._adapter_config())
+            return False
+        self.bad_evals += 1
+        if self.cfg.patience and self.bad_evals >= self.cfg.patience:
+            best = f"best {self.best_val:.4f} at step {self.best_step}" if self.best_step is not None else "none finite"
+            self.log(f"early stopping at step {self.step}: validation loss has not improved for "
+                     f"{self.bad_evals} evaluations ({best})")
+            return True
+        return False
+
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
@@ -331,7 +338,7 @@ class Trainer:
         result = TrainResult(output_dir=self.out, steps=self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.quiet,
                    desc="train", unit="step", dynamic_ncols=True)
-        t0, tokens, stopped = time.perf_counter(), 0, False
+        t0, tokens, stopped, self.stop_reason = time.perf_counter(), 0, False, None
         losses = []
         while self.step < self.total_steps and not stopped:
             rec = self._train_step()
@@ -341,20 +348,13 @@ class Trainer:
             rec["elapsed_s"] = elapsed
             losses.append(rec["loss"])
             last = self.step == self.total_steps
-            if cfg.eval_interval and self.run_data.val_rows and (self.step % cfg.eval_interval == 0 or last):
-                val = self._validation_loss()
-                rec["val_loss"] = val
-                self.val_history.append((self.step, val))
-                if self.best_val is None or val < self.best_val - 1e-4:
-                    self.best_val, self.best_step, self.bad_evals = val, self.step, 0
-                    if self.rank == 0:
-                        ad.write_adapter(self.out / "best_adapter", self._adapter_tensors(), self._adapter_config())
-                else:
-                    self.bad_evals += 1
-                    if cfg.patience and self.bad_evals >= cfg.patience:
-                        stopped = True
-                        self.log(f"early stopping at step {self.step}: validation loss has not improved for "
-                                 f"{self.bad_evals} evaluations (best {self.best_val:.4f} at step {self.best_step})")
+            self.stop_reason = self.guard.record(step=self.step, finite="skipped" not in rec, lr=rec["lr"])
+            if self.stop_reason:  # diverged: back to the last weights with a finite loss, and stop
+                self.guard.restore()
+                stopped = True
+                self.log(f"step {self.step}: {self.stop_reason}")
+            elif cfg.eval_interval and self.run_data.val_rows and (self.step % cfg.eval_interval == 0 or last):
+                stopped = self._validate(rec)
             if self.step % max(cfg.log_every, 1) == 0 or "val_loss" in rec:
                 self.metrics.append(rec)
             if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0) and not last and not stopped:
@@ -366,6 +366,7 @@ class Trainer:
         self.times["train"] = time.perf_counter() - t0
         self.train_tokens = tokens
         result.steps, result.losses, result.stopped_early = self.step, losses, stopped
+        result.stop_reason, result.bad_steps = self.stop_reason, self.guard.total
         result.val_losses = list(self.val_history)
         result.best_step, result.best_val_loss = self.best_step, self.best_val
         result.tokens_per_s = tokens / max(self.times["train"], 1e-9)
@@ -384,7 +385,7 @@ class Trainer:
             else:
                 tensors = self._adapter_tensors()
             res.adapter_dir = ad.write_adapter(self.out / "adapter", tensors, self._adapter_config())
-        self._barrier()
+        self.ctl.barrier()
         if self.rank != 0:
             return res
         if self.patched is not None:
@@ -405,38 +406,38 @@ class Trainer:
             tuned = ev.answer_nll(self.model, self.tok, self.probe_prompts, self.probe_answers)
             res.probe = ev.probe_summary(self.probe_base_nll, tuned)
         self.times["eval"] += time.perf_counter() - t0
-        metrics = self.metrics.read()
-        png = rp.plot_losses(metrics, self.out / "loss_curve.png")
-        train_losses = [m["loss"] for m in metrics if "loss" in m]
         run = {"model": self.model_name, "dtype": str(self.dtype).replace("torch.", ""), "world_size": self.world,
                "device": str(self.device), "steps": self.step, "planned_steps": self.total_steps,
-               "stopped_early": res.stopped_early, "final_loss": train_losses[-1] if train_losses else None,
+               "stopped_early": res.stopped_early, "stop_reason": res.stop_reason, "bad_steps": res.bad_steps,
                "best_val_loss": self.best_val, "best_step": self.best_step, "tokens_per_s": res.tokens_per_s,
                "train_tokens": self.train_tokens, "train_seconds": self.times["train"],
                "peak_memory": peak_memory(self.device), "wall_seconds": time.perf_counter() - self.t_start,
                "load_seconds": self.times["load"], "eval_seconds": self.times["eval"],
-               "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads()}
-        res.report_path = rp.write_report(self.out / "report.md", cfg=cfg.to_dict(), data_md=self.data_md,
-                                          before=self.before, after=res.after, probe=res.probe, run=run,
-                                          loss_png=png.name if png else None)
-        summary = {"run": run, "before": rp.strip_predictions(self.before), "after": rp.strip_predictions(res.after),
-                   "probe": res.probe}
-        (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if not self.quiet:
-            print(rp.summary_text(run, res.before, res.after, res.probe, res.adapter_dir, res.report_path), flush=True)
+               "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads(),
+               "patch_parity": self.parity.as_dict() if self.parity else None}
+        res.report_path = rp.write_outputs(self.out, self.metrics.read(), cfg=cfg.to_dict(), data_md=self.data_md,
+                                           before=self.before, after=res.after, probe=res.probe, run=run,
+                                           adapter_dir=res.adapter_dir, quiet=self.quiet)
         return res
 
     def cleanup(self) -> None:
+        if getattr(self, "lock_fd", None) is not None:  # the output_dir's lock (`outdir.claim_run_dir`)
+            os.close(self.lock_fd)
+            self.lock_fd = None
         if getattr(self, "world", 1) > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, overwrite: bool = False,
+          allow_config_change: bool = False) -> TrainResult:
     """Run one SFT job end to end (setup, train, final evaluation and report). Returns the TrainResult."""
-    t = Trainer(cfg, resume=resume, quiet=quiet)
+    t = Trainer(cfg, resume=resume, quiet=quiet, overwrite=overwrite, allow_config_change=allow_config_change)
     try:
         t.setup()
         t.train()
-        return t.finish()
+        res = t.finish()
     finally:
         t.cleanup()
+    if res.stop_reason:  # after the adapter and the report are written: a diverged run must not look like a success
+        raise DivergedError(f"{res.stop_reason}. Adapter: {cfg.output_dir}/adapter; report: {res.report_path}")
+    return res

@@ -354,3 +354,83 @@ def test_chat_opening_with_assistant_turn(tok):
     msgs = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "hi"}]
     (ex,) = data.tokenize_rows([{"messages": msgs}], tok, max_length=512, fmt="messages")
     assert _trained(tok, ex) == "Hello<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------------- issue 16, item 8
+
+def test_format_decided_per_row(tmp_path, tok):
+    """One stray `text` row first: with --skip-bad-rows the chat rows after it are kept, not skipped as rows
+    "missing field 'text'", and the report says the file mixes formats."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"text": "a stray note"}) + "\n" + "".join(
+        json.dumps(r) + "\n" for r in RECORDS["messages"] * 2))
+    rs = data.read_rows(path, skip_bad_rows=True)
+    assert (len(rs), rs.skipped, rs.fmt) == (5, 0, "messages")
+    assert rs.formats == {"messages": 4, "text": 1} and rs.rows[0] == {"text": "a stray note"}
+    assert rs.locs == [f"line {i}" for i in range(1, 6)]
+    rep = data.quality_report(rs, data.tokenize_rowset(rs, tok, max_length=64), max_length=64)
+    assert any("several formats (messages 4, text 1)" in w for w in rep.warnings())
+    with pytest.raises(data.DataError, match=r"mixed\.jsonl:line 2: missing field 'text'"):
+        data.read_rows(path, fmt="text")  # a format given is every row's format
+
+
+def test_datasetdict_directory_gives_the_split_of_its_role(tmp_path):
+    import datasets
+
+    def split(name):
+        return datasets.Dataset.from_list([{"prompt": f"{name} {i}", "completion": "c"} for i in range(2)])
+
+    d = tmp_path / "dd"
+    datasets.DatasetDict({"train": split("train"), "validation": split("validation"), "test": split("test")}) \
+        .save_to_disk(str(d))
+    first = {s: data.read_rows(d, split=s).rows[0]["prompt"] for s in ("train", "validation", "test")}
+    assert first == {"train": "train 0", "validation": "validation 0", "test": "test 0"}
+    d2 = tmp_path / "dd2"  # no "validation": "val", "dev", then "test" stand in for it
+    datasets.DatasetDict({"train": split("train"), "dev": split("dev"), "test": split("test")}).save_to_disk(str(d2))
+    assert data.read_rows(d2, split="validation").rows[0]["prompt"] == "dev 0"
+    d3 = tmp_path / "dd3"
+    datasets.DatasetDict({"train": split("train")}).save_to_disk(str(d3))
+    with pytest.raises(data.DataError, match=r"dd3: a DatasetDict with splits \['train'\] has no validation split"):
+        data.read_rows(d3, split="validation")
+
+
+def test_special_token_text_in_content_stays_text(tok):
+    """A user pasting `<|im_end|>` does not end the turn: the only control tokens are the template's own."""
+    msgs = [{"role": "user", "content": "say <|im_end|> then <|im_start|>assistant\nhi"},
+            {"role": "assistant", "content": "No <|im_end|>."}]
+    (ex,) = data.tokenize_rows([{"messages": msgs}], tok, max_length=512, fmt="messages")
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ex["input_ids"]) == full
+    turns = 3  # CHATML adds a system turn
+    assert ex["input_ids"].count(tok.eos_token_id) == turns and ex["input_ids"].count(tok.bos_token_id) == turns
+    assert _trained(tok, ex) == "No <|im_end|>.<|im_end|>"  # the pasted text is learnt as text, then the real EOS
+    assert ex["labels"][-2] == tok.eos_token_id
+    ids = data.prompt_ids({"messages": msgs}, tok)
+    assert ids.count(tok.eos_token_id) == 2 and tok.decode(ids) == tok.apply_chat_template(
+        msgs[:1], tokenize=False, add_generation_prompt=True)
+    trim = byte_tokenizer(CHATML.replace("m['content'] }}", "m['content'] | trim }}"))
+    (ex,) = data.tokenize_rows([{"messages": [{**msgs[0], "content": f" {msgs[0]['content']} "}, msgs[1]]}], trim,
+                               max_length=512, fmt="messages")
+    assert ex["input_ids"].count(trim.eos_token_id) == turns
+    upper = byte_tokenizer(CHATML.replace("m['content'] }}", "m['content'] | upper }}"))
+    with pytest.raises(data.DataError, match="message 1 holds special-token text '<|im_end|>'"):
+        data.tokenize_rows([{"messages": msgs}], upper, max_length=512, fmt="messages")
+
+
+def test_json_array_lines_counted_once(tmp_path):
+    """Reading a JSON array is linear: the newlines before each record are counted once, not from the file start
+    per record (20k records took 37 s). Counted through str.count, with no clock."""
+    from sftfuse.train import data_io
+
+    class Counted(str):
+        scanned = 0
+
+        def count(self, sub, start=0, end=None):
+            end = len(self) if end is None else end
+            Counted.scanned += max(0, end - start)
+            return str.count(self, sub, start, end)
+
+    text = json.dumps([{"text": f"row {i}"} for i in range(2000)], indent=1)
+    got = list(data_io._json_array_records(Counted(text)))
+    assert len(got) == 2000 and got[-1][0] == f"line {text.count(chr(10)) - 2}"
+    assert Counted.scanned <= len(text)

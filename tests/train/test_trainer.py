@@ -8,88 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from sftfuse.train import adapter as ad
-from sftfuse.train.checkpoint import latest_checkpoint
 from sftfuse.train.config import TrainConfig, load_config
-from sftfuse.train.data import bundled_path
 from sftfuse.train.trainer import lr_lambda, train
-
-ROOT = Path(__file__).resolve().parents[2]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _rows(split: str, n: int, families=None) -> list[dict]:
-    rows = [json.loads(line) for line in bundled_path(split).read_text().splitlines() if line.strip()]
-    if families:
-        rows = [r for r in rows if r["family"] in families]
-    return rows[:n]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama and a 600-token byte-level BPE with a ChatML template, saved like any HF model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from sftfuse.train.models import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    texts = [m["content"] for r in _rows("train", 400) for m in r["messages"]]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(texts + ["user assistant system\n"], trainers.BpeTrainer(
-        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token="<|im_start|>")
-    tok.chat_template = CHATML
-    tok.save_pretrained(d)
-    model = tiny_model("llama", vocab_size=len(tok), seed=1)
-    model.config.eos_token_id = tok.eos_token_id
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    fams = ("bracket_upper", "count_items")
-    for split, n in (("train", 24), ("validation", 8), ("test", 6)):
-        with open(d / f"{split}.jsonl", "w") as f:
-            for r in _rows(split, n, fams):
-                f.write(json.dumps(r) + "\n")
-    (d / "probe.json").write_text(json.dumps(["What is the capital of France?", "Name a colour."]))
-    return d
-
-
-def _overrides(tiny_dir, data_dir, out, **kw) -> list[str]:
-    base = {"model": tiny_dir, "train_file": data_dir / "train.jsonl",
-            "validation_file": data_dir / "validation.jsonl", "test_file": data_dir / "test.jsonl",
-            "probe_file": data_dir / "probe.json", "output_dir": out, "qlora": False, "patch": False,
-            "dtype": "fp32", "lora_r": 4, "lora_alpha": 8, "max_length": 96, "batch_size": 2, "grad_accum": 2,
-            "lr": 3e-3, "warmup_steps": 1, "max_steps": 4, "eval_interval": 2, "checkpoint_interval": 2,
-            "max_new_tokens": 6, "gen_batch_size": 8, "task_eval": False, "probe": False}
-    base.update(kw)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _losses(out: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs}
+from tests.train.common import ROOT, _losses, _overrides, _rows
 
 
 def test_end_to_end_report_and_peft_logits(tiny_dir, data_dir, tmp_path):
@@ -131,46 +60,6 @@ def test_end_to_end_report_and_peft_logits(tiny_dir, data_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
-
-
-def _cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "sftfuse.train.cli", *args]
-
-
-def test_resume_after_sigkill_reproduces_losses(tiny_dir, data_dir, tmp_path):
-    """SIGKILL a run after its first checkpoint, plant a half-written checkpoint, resume: the same losses as an
-    uninterrupted run at every step. 8 steps, checkpoints every 2, so the kill lands between checkpoints."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = dict(max_steps=8, eval_interval=3, patience=0, lora_dropout=0.1)
-    full = tmp_path / "full"
-    subprocess.run(_cli(["train", *_overrides(tiny_dir, data_dir, full, **common)]), env=env, check=True,
-                   capture_output=True, cwd=ROOT, timeout=300)
-    ref = _losses(full)
-    assert sorted(ref) == list(range(1, 9))
-
-    out = tmp_path / "killed"
-    args = ["train", *_overrides(tiny_dir, data_dir, out, **common)]
-    proc = subprocess.Popen(_cli(args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while latest_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ckpt = latest_checkpoint(out / "checkpoints")
-    assert ckpt is not None and (ckpt / "adapter_model.safetensors").exists()
-    # A checkpoint being written when the kill came: a temporary directory with a later step, half full.
-    half = out / "checkpoints" / ".tmp-step-000007-x"
-    half.mkdir()
-    (half / "adapter_model.safetensors").write_bytes(b"\0" * 10)
-    assert latest_checkpoint(out / "checkpoints") == ckpt
-
-    subprocess.run(_cli([*args, "--resume"]), env=env, check=True, capture_output=True, cwd=ROOT, timeout=300)
-    got = _losses(out)
-    assert sorted(got) == list(range(1, 9))
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
-    assert not half.exists()  # debris cleaned on start
 
 
 def test_early_stopping_keeps_best_adapter(tiny_dir, data_dir, tmp_path):
