@@ -29,29 +29,36 @@ def _choice() -> str:
     return env_choice("SFTFUSE_CPU_GEMM", CHOICES)
 
 
-def _best_of(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _best_pair(fa, fb, reps: int = 7) -> tuple[float, float]:
+    """Best time of each of two functions over `reps` rounds, run alternately (the order swapped every round).
+
+    Timed one after the other, a burst of load on a busy host (another process, a thread team still spinning)
+    could cover all of one function's runs: the native bf16 GEMM then looked slower than fp32 and an AMX host, where
+    bf16 is 10x faster, ran every GEMM in fp32 (a QLoRA step 8.6 s instead of 1.7 s). Alternating, a burst hits both.
+    """
+    fa()
+    fb()
+    best = [float("inf"), float("inf")]
+    for i in range(reps):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (fa, fb)[k]()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best[0], best[1]
 
 
 @cache
 def fp32_gemm_is_faster(dtype: torch.dtype) -> bool:
     """True when an fp32 GEMM, casts of its inputs and output included, beats a `dtype` GEMM on this CPU.
 
-    Measured once per dtype and process on a (256 x 512) @ (512 x 1024) product, best of 5 runs each; fp32 must
-    win by 10%, so a tie keeps the native dtype (and its smaller transients).
+    Measured once per dtype and process on a (256 x 512) @ (512 x 1024) product, best of 7 alternating runs each
+    (`_best_pair`); fp32 must win by 10%, so a tie keeps the native dtype (and its smaller transients).
     """
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(256, 512, generator=gen).to(dtype)
     b = torch.randn(1024, 512, generator=gen).to(dtype)
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        native = _best_of(lambda: torch.mm(a, b.t()))
-        wide = _best_of(lambda: torch.mm(a.float(), b.float().t()).to(dtype))
+        native, wide = _best_pair(lambda: torch.mm(a, b.t()), lambda: torch.mm(a.float(), b.float().t()).to(dtype))
     return wide < 0.9 * native
 
 
