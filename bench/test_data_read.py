@@ -28,6 +28,7 @@ import pytest
 
 from sftfuse.train import data
 from sftfuse.train.config import TrainConfig
+from sftfuse.train.models import default_tokenizer
 from sftfuse.train.run_data import RunData
 
 ROWS = 52_000
@@ -75,7 +76,7 @@ def test_read_and_check_52k_alpaca(benchmark, bench_record, tmp_path):
     assert len(rs) == ROWS and rs.fmt == "alpaca" and rs.locs[-1].startswith("line ")
     bench_record("data_read", {"stage": "read", "rows": ROWS, "file MB": mb, "s": t_read, "rows/s": ROWS / t_read})
     try:
-        tok, t_tok = _timed(data.default_tokenizer)
+        tok, t_tok = _timed(default_tokenizer)
     except FileNotFoundError as e:  # the default model's package is optional here
         pytest.skip(f"reading measured ({t_read:.2f} s); tokenizing needs the default tokenizer: {e}")
     ex, t_tokenize = _timed(lambda: data.tokenize_rowset(rs, tok, max_length=MAX_LENGTH))

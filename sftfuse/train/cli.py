@@ -119,8 +119,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _data_check(args) -> int:
     # The same reading and checks as `sftfuse train` (RunData), so the two agree on what is an error.
-    from sftfuse.train import data
     from sftfuse.train.config import TrainConfig
+    from sftfuse.train.models import load_tokenizer
     from sftfuse.train.run_data import RunData
 
     try:
@@ -130,7 +130,7 @@ def _data_check(args) -> int:
                                  data_format=args.format, skip_bad_rows=args.skip_bad_rows,
                                  max_length=args.max_length, task_eval=False, probe=False))
         try:
-            tok = data.load_tokenizer(args.tokenizer)
+            tok = load_tokenizer(args.tokenizer)
         except (OSError, ValueError) as e:  # a wrong path, no default model installed: one line
             print(f"error: cannot load the tokenizer {args.tokenizer or '(default model)'}: {e}", file=sys.stderr)
             return 1

@@ -83,33 +83,6 @@ def bundled_path(split: str) -> Path:
     return Path(__file__).resolve().parents[1] / "data" / names[split]
 
 
-def default_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer: from the model cache when present, else from the GGUF file alone (a few
-    seconds; the model itself is not loaded)."""
-    from transformers import AutoTokenizer
-
-    from sftfuse.train.models import cache_dir, gguf_path
-
-    cached = cache_dir() / "SmolLM2-135M-Instruct"
-    if (cached / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(cached)
-    src = gguf_path()
-    return AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-
-
-def load_tokenizer(model: str | None):
-    """The tokenizer of `model` as `sftfuse train` loads it: an HF directory or hub id, a .gguf file, or None for
-    the default model; loaded on its own, without the model's weights."""
-    from transformers import AutoTokenizer
-
-    if model is None:
-        return default_tokenizer()
-    if str(model).endswith(".gguf"):
-        p = Path(model)
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    return AutoTokenizer.from_pretrained(model)
-
-
 # ----------------------------------------------------------------------------------------------- reading
 
 def detect_format(record: dict) -> str:

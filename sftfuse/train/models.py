@@ -132,32 +132,60 @@ def load_default_model(*, dtype: torch.dtype = torch.float32, cache: bool = True
     return AutoModelForCausalLM.from_pretrained(target, dtype=dtype), AutoTokenizer.from_pretrained(target)
 
 
-def _read_gguf(src: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _gguf_model(src: Path, dtype: torch.dtype):
+    """The model of a GGUF file: transformers dequantizes it to fp32; the flags it leaves are cleared."""
+    from transformers import AutoModelForCausalLM
 
-    log.info("loading %s (first load reads the GGUF, about 20 s)", src)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     clear_gguf_flags(model)
+    return model.to(dtype)
+
+
+def _read_gguf(src: Path, dtype: torch.dtype):
+    log.info("loading %s (first load reads the GGUF, about 20 s)", src)
+    model = _gguf_model(src, dtype)
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return model.to(dtype), tok
+    return model, load_tokenizer(src)
 
 
-def load_model_and_tokenizer(path: str | None, *, dtype: torch.dtype = torch.float32):
-    """The bundled default (None), a GGUF file, or an HF directory / hub id. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def default_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer: from the model cache when present, else from the GGUF file alone (a few
+    seconds; the model itself is not loaded)."""
+    from transformers import AutoTokenizer
+
+    cached = cache_dir() / "SmolLM2-135M-Instruct"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    return load_tokenizer(gguf_path())
+
+
+def load_tokenizer(path: str | Path | None):
+    """The tokenizer of `path` as `sftfuse train` loads it: an HF directory or hub id, a .gguf file, or None for
+    the default model; loaded on its own, without the model's weights."""
+    from transformers import AutoTokenizer
 
     if path is None:
-        model, tok = load_default_model(dtype=dtype)
-    elif str(path).endswith(".gguf"):
+        return default_tokenizer()
+    if str(path).endswith(".gguf"):
         p = Path(path)
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
-        clear_gguf_flags(model)
-        model = model.to(dtype)
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model_and_tokenizer(path: str | None, *, dtype: torch.dtype = torch.float32, tok=None):
+    """The bundled default (None), a GGUF file, or an HF directory / hub id. Returns (model, tokenizer).
+
+    `tok`: the tokenizer already loaded for `path` (`load_tokenizer`), so that a run reads it once."""
+    from transformers import AutoModelForCausalLM
+
+    if path is None:
+        model, loaded = load_default_model(dtype=dtype)
+        tok = tok if tok is not None else loaded
+    elif str(path).endswith(".gguf"):
+        model = _gguf_model(Path(path), dtype)
     else:
-        tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = tok if tok is not None else load_tokenizer(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

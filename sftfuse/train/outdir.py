@@ -115,9 +115,10 @@ def write_atomic(path, data: bytes | str) -> Path:
     return path
 
 
-def json_text(obj) -> str:
-    """JSON with NaN and infinities written as null: strict readers (jq, JavaScript) refuse bare NaN."""
-    return json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
+def json_text(obj, *, indent: int | None = 1) -> str:
+    """JSON with NaN and infinities written as null: strict readers (jq, JavaScript) refuse bare NaN. One line, ending
+    in a newline, with indent=None."""
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False) + "\n"
 
 
 def finite_or_none(obj):

@@ -8,11 +8,6 @@ from pathlib import Path
 from sftfuse.train import outdir as od
 
 
-def json_line(rec: dict) -> str:
-    """One strict JSON line: a NaN or infinite value (a diverged loss) is written as null."""
-    return json.dumps(od.finite_or_none(rec), allow_nan=False) + "\n"
-
-
 class MetricsLog:
     """`metrics.jsonl`: one JSON line per logged step, appended as the run goes (rank 0 only writes)."""
 
@@ -22,7 +17,7 @@ class MetricsLog:
     def append(self, rec: dict) -> None:
         if self.enabled:
             with od.disk_errors(self.path), open(self.path, "a") as f:
-                f.write(json_line(rec))
+                f.write(od.json_text(rec, indent=None))  # a diverged loss as null
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -38,7 +33,7 @@ class MetricsLog:
     def keep_until(self, step: int) -> None:
         """Drop the lines of steps after `step` (a resumed run redoes them); everything when step is 0."""
         kept = [m for m in self.read() if m.get("step", 0) <= step] if step else []
-        od.write_atomic(self.path, "".join(json_line(m) for m in kept))
+        od.write_atomic(self.path, "".join(od.json_text(m, indent=None) for m in kept))
 
 
 def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
@@ -149,7 +144,7 @@ def write_outputs(out: Path, metrics: list[dict], *, cfg: dict, data_md: str | N
     report = write_report(out / "report.md", cfg=cfg, data_md=data_md, before=before, after=after, probe=probe,
                           run=run, loss_png=png.name if png else None)
     summary = {"run": run, "before": strip_predictions(before), "after": strip_predictions(after), "probe": probe}
-    od.write_atomic(out / "results.json", json.dumps(od.finite_or_none(summary), indent=2, allow_nan=False) + "\n")
+    od.write_atomic(out / "results.json", od.json_text(summary, indent=2))
     if not quiet:
         print(summary_text(run, before, after, probe, adapter_dir, report), flush=True)
     return report

@@ -18,6 +18,7 @@ import torch
 from sftfuse.train import data, evaluation, tasks
 from sftfuse.train.config import TrainConfig
 from sftfuse.train.data_tokenize import prompt_messages
+from sftfuse.train.models import load_tokenizer
 
 
 def _has_response(example: dict) -> bool:
@@ -72,16 +73,16 @@ class RunData:
         if len(kept) < len(ts.rows):
             ts.keep(kept)
 
-    def check_tokens(self, tok=None) -> None:
+    def check_tokens(self, tok=None):
         """Tokenize train and validation rows with `tok` (default: the run's tokenizer loaded on its own,
-        `data.load_tokenizer(cfg.model)`), so that a row the tokenizer refuses, training data with no response
-        token or validation data with none fail before the model loads.
+        `models.load_tokenizer(cfg.model)`), so that a row the tokenizer refuses, training data with no response
+        token or validation data with none fail before the model loads. Returns the tokenizer.
 
         Raises:
             DataError: naming the file (and line of a bad row).
         """
         cfg = self.cfg
-        tok = tok if tok is not None else data.load_tokenizer(cfg.model)
+        tok = tok if tok is not None else load_tokenizer(cfg.model)
         kw = {"max_length": cfg.max_length, "skip_bad_rows": cfg.skip_bad_rows}
         examples = data.tokenize_rowset(self.train_set, tok, **kw)
         if not any(map(_has_response, examples)):
@@ -95,6 +96,7 @@ class RunData:
                                      f"{cfg.max_length}): validation loss and early stopping would be off; fix "
                                      f"the file or leave validation_file unset")
         self.train_examples = examples
+        return tok
 
     def report(self) -> data.DataReport:
         """The data-quality report of the tokenized training data (with validation overlap and test notes)."""

@@ -129,9 +129,9 @@ class Trainer:
         self._claim_output_dir()
 
         self.run_data = RunData(cfg)  # before the model: a bad row fails in a second, not after a load
-        self.run_data.check_tokens()  # so do rows the tokenizer refuses and data with nothing to learn
+        tok = self.run_data.check_tokens()  # so do rows the tokenizer refuses and data with nothing to learn
         t0 = time.perf_counter()
-        self.model, self.tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+        self.model, self.tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32, tok=tok)
         self.model.to(self.device)
         self.model_name = cfg.model or ad.DEFAULT_MODEL_ID
         self.times["load"] = time.perf_counter() - t0
