@@ -31,15 +31,15 @@ CKPT_RE = re.compile(r"^step-(\d+)$")
 # the rows and their order (the data position is a count of rows of that stream), or what "best" was measured on.
 FIXED = ("model", "train_file", "validation_file", "data_format", "skip_bad_rows", "max_length", "packing",
          "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "qlora", "dtype", "batch_size",
-         "grad_accum", "seed", "replay_ratio", "probe_file", "max_eval_rows")
+         "grad_accum", "seed", "replay_ratio", "replay_file", "max_eval_rows")
 # Options that only change what is written or evaluated after training (the base evaluation is redone when its
 # options change): free to change on resume. Every other option (lr, warmup_steps, min_lr_ratio, weight_decay,
 # max_steps, epochs, grad_clip, patch, eval_interval, patience, and options added later) changes the optimisation
 # from the resumed step on: refused unless allow_config_change, then applied.
 SAFE = ("output_dir", "log_every", "checkpoint_interval", "keep_checkpoints", "gradient_checkpointing",
         "task_eval", "test_file", "max_test_rows", "probe", "max_new_tokens", "gen_batch_size", "verify_patch",
-        "max_bad_steps")
-REPLAY_FIXED = ("max_new_tokens", "gen_batch_size", "probe")  # with replay, the probe's answers are training rows
+        "max_bad_steps", "probe_file")
+REPLAY_FIXED = ("max_new_tokens", "gen_batch_size")  # with replay, the base's answers to the replay prompts train
 
 
 class CheckpointError(od.RunError):

@@ -82,7 +82,8 @@ class TrainConfig:
     # -- forgetting probe and task evaluation ---------------------------------------------------------------
     probe: bool = True  # NLL of the base model's own answers to general prompts, before vs after
     probe_file: str | None = None  # JSON list of prompts; None: the bundled probe_prompts.json
-    replay_ratio: float = 0.0  # add this many base-model probe answers per training example (regularizer)
+    replay_ratio: float = 0.0  # base-model answers to the replay prompts mixed in per training example
+    replay_file: str | None = None  # JSON list of replay prompts; None: the bundled replay_prompts.json
     task_eval: bool = True  # accuracy per task family on the test split, before and after
     max_test_rows: int = 0  # 0 = all
     max_new_tokens: int = 48

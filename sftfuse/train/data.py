@@ -75,9 +75,11 @@ class RowSet:
 
 
 def bundled_path(split: str) -> Path:
-    """Path of the bundled dataset's `split` ("train", "validation", "test") or "probe_prompts"."""
+    """Path of the bundled dataset's `split` ("train", "validation", "test"), or of a bundled forgetting set:
+    "probe_prompts", "replay_prompts" or "general_qa" (`sftfuse.train.forgetting`)."""
     names = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl",
-             "probe_prompts": "probe_prompts.json"}
+             "probe_prompts": "probe_prompts.json", "replay_prompts": "replay_prompts.json",
+             "general_qa": "general_qa.json"}
     if split not in names:
         raise ValueError(f"split={split!r}: expected one of {tuple(names)}")
     return Path(__file__).resolve().parents[1] / "data" / names[split]

@@ -4,16 +4,13 @@
   bundled answers are short) on the test split's prompts, each tokenized as training tokenized its row (a
   prompt/completion row's raw prompt, a chat through the template), scored per family by
   `sftfuse.train.tasks.score` (a family without a checker by normalised exact match, and the result says so).
-- Forgetting probe: before training the base model answers a fixed set of general prompts (outside the training
-  tasks). The mean per-token NLL of those answers under the base model and under the tuned model, and the
-  relative change, say how far the model drifted from its own behaviour. `replay_ratio` mixes these answers
-  back into training.
+- Forgetting: the probe prompts and general questions the base model answers before training, and what the
+  tuned model makes of them, are `sftfuse.train.forgetting`'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -74,9 +71,11 @@ def load_probe_prompts(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list, *, max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
+def generate(model, tok, prompts: list, *, max_new_tokens: int = 48, batch_size: int = 32,
+             return_finished: bool = False):
     """Greedy completions of `prompts` (rendered strings, tokenized without special tokens added, or lists of
-    token ids), batched with left padding; sorted by length to waste little."""
+    token ids), batched with left padding; sorted by length to waste little. With `return_finished`, also whether
+    each completion ended with the end token (False: cut by `max_new_tokens`)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -84,6 +83,7 @@ def generate(model, tok, prompts: list, *, max_new_tokens: int = 48, batch_size:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str | None] = [None] * len(ids)
+    done = [False] * len(ids)
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -94,9 +94,10 @@ def generate(model, tok, prompts: list, *, max_new_tokens: int = 48, batch_size:
                                  do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
             for i, seq in zip(idx, gen[:, width:], strict=False):
                 out[i] = tok.decode(seq, skip_special_tokens=True).strip()
+                done[i] = bool((seq == tok.eos_token_id).any())
     finally:
         model.train(was_training)
-    return out
+    return (out, done) if return_finished else out
 
 
 def task_eval(model, tok, rows: list[dict], *, max_new_tokens: int, batch_size: int) -> dict:
@@ -120,29 +121,3 @@ def task_eval(model, tok, rows: list[dict], *, max_new_tokens: int, batch_size: 
     mean = sum(f["acc"] for f in fams.values()) / max(len(fams), 1)
     return {"families": dict(sorted(fams.items())), "mean_acc": mean, "predictions": preds,
             "seconds": time.perf_counter() - t0}
-
-
-@torch.no_grad()
-def answer_nll(model, tok, prompts: list[str], answers: list[str]) -> list[float]:
-    """Mean NLL per answer token of each `answers[i]` after the rendered `prompts[i]` (one row at a time)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for p, a in zip(prompts, answers, strict=False):
-            p_ids = tok(p, add_special_tokens=False)["input_ids"]
-            a_ids = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = torch.tensor([p_ids + a_ids], device=device)
-            logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):], reduction="mean")
-            out.append(float(nll))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def probe_summary(base_nll: list[float], tuned_nll: list[float]) -> dict:
-    b, t = sum(base_nll) / len(base_nll), sum(tuned_nll) / len(tuned_nll)
-    return {"n_prompts": len(base_nll), "base_nll": b, "tuned_nll": t, "relative_change": (t - b) / b,
-            "base_ppl": math.exp(b), "tuned_ppl": math.exp(t)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftfuse.train import forgetting as fg
 from sftfuse.train import outdir as od
 
 
@@ -37,7 +38,8 @@ class MetricsLog:
 
 
 def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
-    """Train loss per step and validation loss per evaluation, one PNG (matplotlib's Agg backend)."""
+    """Train loss per step and validation loss per evaluation, and on a second axis the forgetting probe's NLL
+    rise at each evaluation (when measured), one PNG (matplotlib's Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +58,15 @@ def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean NLL per token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    rise = [(m["step"], 100 * m["probe_rise"]) for m in metrics if isinstance(m.get("probe_rise"), (int, float))]
+    if rise:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*rise, strict=False), "s--", color="tab:red", label="forgetting: probe NLL rise (%)")
+        ax2.set_ylabel("probe NLL rise over the base (%)", color="tab:red")
+        h2 = ax2.get_legend_handles_labels()
+        handles = (handles[0] + h2[0], handles[1] + h2[1])
+    ax.legend(*handles, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -97,13 +107,9 @@ def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: di
             lines += [f"Families worse than the base: {', '.join(worse) if worse else 'none'}.", ""]
     else:
         lines += ["Not run (no test file, or task_eval=false).", ""]
-    lines += ["## Forgetting probe", ""]
+    lines += ["## Forgetting", ""]
     if probe:
-        lines += [(f"The base model's own greedy answers to {probe['n_prompts']} general prompts (outside the training "
-                  f"tasks): mean NLL per token {probe['base_nll']:.3f} under the base model, {probe['tuned_nll']:.3f} "
-                  f"under the tuned model: **{100 * probe['relative_change']:+.1f}%** "
-                  f"(perplexity {probe['base_ppl']:.2f} -> {probe['tuned_ppl']:.2f}). "
-                  f"Replay ratio: {cfg['replay_ratio']}."), ""]
+        lines += forgetting_lines(probe, cfg) + [""]
     else:
         lines += ["Not run (probe=false).", ""]
     lines += ["## Training", ""]
@@ -143,10 +149,11 @@ def write_outputs(out: Path, metrics: list[dict], *, cfg: dict, data_md: str | N
     run = {**run, "final_loss": finite[-1] if finite else None}
     report = write_report(out / "report.md", cfg=cfg, data_md=data_md, before=before, after=after, probe=probe,
                           run=run, loss_png=png.name if png else None)
-    summary = {"run": run, "before": strip_predictions(before), "after": strip_predictions(after), "probe": probe}
+    summary = {"run": run, "before": strip_predictions(before), "after": strip_predictions(after), "probe": probe,
+               "config": cfg}
     od.write_atomic(out / "results.json", od.json_text(summary, indent=2))
     if not quiet:
-        print(summary_text(run, before, after, probe, adapter_dir, report), flush=True)
+        print(summary_text(run, before, after, probe, adapter_dir, report, cfg), flush=True)
     return report
 
 
@@ -155,17 +162,41 @@ def strip_predictions(evald: dict | None) -> dict | None:
 
 
 def summary_text(run: dict, before: dict | None, after: dict | None, probe: dict | None, adapter_dir,
-                 report_path) -> str:
+                 report_path, cfg: dict) -> str:
     """The lines `sftfuse train` prints when it is done."""
     lines = ["", (f"sftfuse train: {run['steps']} steps in {run['train_seconds']:.0f} s "
              f"({run['tokens_per_s']:.0f} tokens/s), {run['wall_seconds']:.0f} s in all; {run['peak_memory']}")]
     if before or after:
         lines.append(accuracy_table(before, after))
     if probe:
-        lines.append(f"forgetting probe: NLL of the base model's own answers {probe['base_nll']:.3f} -> "
-                     f"{probe['tuned_nll']:.3f} ({100 * probe['relative_change']:+.1f}%)")
+        a = probe.get("answers")
+        lines.append(f"forgetting: NLL of the base model's own answers {probe['base_nll']:.3f} -> "
+                     f"{probe['tuned_nll']:.3f} ({100 * probe['relative_change']:+.1f}%), KL(base || tuned) "
+                     f"{_num(probe.get('kl'))} per token"
+                     + (f", general questions still answered {a['still_correct']}/{a['base_correct']}" if a else ""))
+        lines += fg.warnings(probe, cfg)
     lines.append(f"adapter: {adapter_dir}  report: {report_path}")
     return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "-" if x is None or x != x else f"{x:.4f}"
+
+
+def forgetting_lines(probe: dict, cfg: dict) -> list[str]:
+    """The report's forgetting section: the three figures (`sftfuse.train.forgetting`) and any warning."""
+    a = probe.get("answers")
+    rows = ["| figure | base | tuned | change |", "| --- | --- | --- | --- |",
+            (f"| probe NLL per token ({probe['n_prompts']} general prompts, the base's own answers) | "
+             f"{probe['base_nll']:.3f} | {probe['tuned_nll']:.3f} | **{100 * probe['relative_change']:+.1f}%** |"),
+            f"| probe KL(base \\|\\| tuned) per token | 0 | {_num(probe.get('kl'))} | |"]
+    if a:
+        rows.append(f"| general questions answered correctly (of {a['n_questions']}) | {a['base_correct']} | "
+                    f"{a['still_correct']} | agreement **{_pct(a['agreement'])}** |")
+    warn = fg.warnings(probe, cfg)
+    verdict = warn or [f"Within the limits (NLL rise <= +{100 * fg.LIMITS['nll_rise']:.0f}%, agreement >= "
+                       f"{100 * fg.LIMITS['agreement']:.0f}%)."]
+    return rows + ["", f"Replay ratio: {cfg['replay_ratio']}. " + " ".join(verdict)]
 
 
 def _parity_line(parity: dict | None) -> str:

@@ -46,8 +46,10 @@ class RunData:
         self.test_set = read(test_path, "test") if test_path and cfg.task_eval else None
         if self.test_set is not None:
             self._check_test_rows()
-        if cfg.probe or cfg.replay_ratio > 0:  # read later, after the model: checked now
+        if cfg.probe:  # read later, after the model: checked now
             evaluation.load_probe_prompts(cfg.probe_file or data.bundled_path("probe_prompts"))
+        if cfg.replay_ratio > 0:
+            evaluation.load_probe_prompts(cfg.replay_file or data.bundled_path("replay_prompts"))
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] = []
         self.val_rows: list[dict] = []
@@ -131,18 +133,16 @@ class RunData:
                 log(line)
         return data_md
 
-    def build_train_rows(self, tok, *, probe_texts: list[str], probe_answers: list[str], world: int, log) -> int:
-        """Training rows (with `replay_ratio` of replayed probe answers), packed; returns the number of steps."""
+    def build_train_rows(self, tok, *, replay: list[dict], world: int, log) -> int:
+        """Training rows (with `replay_ratio` x examples of the tokenized `replay` answers mixed in, cycled), packed;
+        returns the number of steps."""
         cfg = self.cfg
         examples = [e for e in self.train_examples if _has_response(e)]
-        if cfg.replay_ratio > 0 and probe_answers:
+        if cfg.replay_ratio > 0 and replay:
             # Replay: the base model's own answers, learnt like demonstrations, pull the model back to itself.
             n = round(cfg.replay_ratio * len(examples))
-            msgs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-                    for p, a in zip(probe_texts, probe_answers, strict=False) if a]
-            rows = [{"messages": msgs[i % len(msgs)]} for i in range(n)] if msgs else []
-            examples += data.tokenize_rows(rows, tok, max_length=cfg.max_length, fmt="messages")
-            log(f"replay: {len(rows)} base-model answers mixed into {len(examples) - len(rows)} examples")
+            examples += [replay[i % len(replay)] for i in range(n)]
+            log(f"replay: {n} base-model answers ({len(replay)} prompts) mixed into {len(examples) - n} examples")
         if not examples:
             raise data.DataError(f"{self.train_set.path}: no training example has a response token")
         self.train_rows = data.pack(examples, max_length=cfg.max_length) if cfg.packing else examples

@@ -39,9 +39,10 @@ import torch
 from sftfuse.train import adapter as ad
 from sftfuse.train import checkpoint as ck
 from sftfuse.train import evaluation as ev
+from sftfuse.train import forgetting as fg
 from sftfuse.train import outdir as od
 from sftfuse.train import report as rp
-from sftfuse.train.base_eval import evaluate_base, probe_prompts
+from sftfuse.train.base_eval import evaluate_base, general_qa
 from sftfuse.train.config import TrainConfig
 from sftfuse.train.control import Control
 from sftfuse.train.device import init_distributed, peak_memory, resolve_dtype
@@ -140,11 +141,10 @@ class Trainer:
         self.data_md = self.run_data.tokenize(self.tok, self.out if self.rank == 0 else None, self.log)
         self.model.to(self.dtype)
         self._evaluate_base()
-        self.total_steps = self.run_data.build_train_rows(self.tok, probe_texts=self._probe_user_texts(),
-                                                          probe_answers=self.probe_answers, world=self.world,
-                                                          log=self.log)
+        self.total_steps = self.run_data.build_train_rows(self.tok, replay=self.replay, world=self.world, log=self.log)
         self._setup_model()
         self._setup_optimizer()
+        self.probe_ref = self._probe_nll()  # the adapters are still zero: the base's value, the curve's reference
         if self.ckpt is not None:
             self._load_checkpoint(self.ckpt)
 
@@ -153,14 +153,22 @@ class Trainer:
         t0 = time.perf_counter()
         saved = evaluate_base(self.cfg, self.model, self.tok, self.run_data.test_rows, resume=self.resume,
                               cache=self.out / "base_eval.json", rank=self.rank, log=self.log)
-        self.before, self.probe_base_nll = saved.get("before"), saved.get("probe_base_nll", [])
-        # every process needs the probe answers for replay; the others wait here while rank 0 evaluates
-        self.probe_prompts, self.probe_answers = self.ctl.from_rank0([saved.get("probe_prompts", []),
-                                                                   saved.get("probe_answers", [])])
+        self.before = saved.get("before")
+        # every process needs the replay answers and the probe's; the others wait here while rank 0 evaluates
+        self.base = b = self.ctl.from_rank0({k: v for k, v in saved.items() if k != "before"})
+        self.replay = fg.answer_examples(self.tok, b.get("replay_prompts", []), b.get("replay_answers", []),
+                                         finished=b.get("replay_finished", []), max_length=self.cfg.max_length)
+        self.probe_rows = fg.answer_examples(self.tok, b.get("probe_prompts", []), b.get("probe_answers", []),
+                                             max_length=self.cfg.max_length)
         self.times["eval"] += time.perf_counter() - t0
 
-    def _probe_user_texts(self) -> list[str]:
-        return probe_prompts(self.cfg) if self.cfg.replay_ratio > 0 and self.probe_answers else []
+    def _probe_nll(self) -> float | None:
+        """The probe answers' mean NLL per token under the model as it trains (rank 0's), at validation time."""
+        if not (self.cfg.eval_interval and self.probe_rows and self.run_data.val_rows):
+            return None
+        return self.ctl.from_rank0(fg.mean_loss(self.model, self.probe_rows, batch_size=self.cfg.batch_size,
+                                                pad_id=self.tok.pad_token_id, packed=False, mask_dtype=self.dtype,
+                                                device=self.device))
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -289,30 +297,19 @@ class Trainer:
         return {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": int(n_tok),
                 "input_tokens": n_in * self.world, **({} if finite else {"skipped": True})}
 
-    @torch.no_grad()
     def _validation_loss(self) -> float:
-        from sftfuse.train import data
-
-        self.model.eval()
-        total, count = 0.0, 0
-        for s in range(0, len(self.run_data.val_rows), self.cfg.batch_size):
-            b = data.collate(self.run_data.val_rows[s:s + self.cfg.batch_size], pad_id=self.tok.pad_token_id,
-                             packed=self.cfg.packing, mask_dtype=self.dtype)
-            n = int((b["labels"][:, 1:] != -100).sum())
-            if n == 0:
-                continue
-            batch = {k: v.to(self.device) for k, v in b.items()}
-            loss = self.model(**batch, use_cache=False).loss
-            total += float(loss) * n
-            count += n
-        self.model.train()
-        return total / max(count, 1)
+        return fg.mean_loss(self.model, self.run_data.val_rows, batch_size=self.cfg.batch_size,
+                            pad_id=self.tok.pad_token_id, packed=self.cfg.packing, mask_dtype=self.dtype,
+                            device=self.device)
 
     def _validate(self, rec: dict) -> bool:
         """Validation loss into `rec`; keeps the best adapter. Rank 0's value decides for every process (ranks
         never part ways). A NaN is never best: it counts as an evaluation without improvement. True: stop early."""
         val = self.ctl.from_rank0(self._validation_loss())
         rec["val_loss"] = val
+        probe = self._probe_nll()
+        if probe is not None and self.probe_ref:
+            rec["probe_nll"], rec["probe_rise"] = probe, probe / self.probe_ref - 1
         self.val_history.append((self.step, val))
         if math.isfinite(val) and (self.best_val is None or val < self.best_val - 1e-4):
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
@@ -402,9 +399,11 @@ class Trainer:
             res.before = self.before
             res.after = ev.task_eval(self.model, self.tok, self.run_data.test_rows,
                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-        if cfg.probe and self.probe_answers:
-            tuned = ev.answer_nll(self.model, self.tok, self.probe_prompts, self.probe_answers)
-            res.probe = ev.probe_summary(self.probe_base_nll, tuned)
+        b = self.base
+        if cfg.probe and b.get("probe_answers"):
+            tuned = fg.tuned_stats(self.model, self.tok, b["probe_prompts"], b["probe_answers"], b["probe_topk"])
+            qa = fg.answer_probe(self.model, self.tok, general_qa(), batch_size=cfg.gen_batch_size)
+            res.probe = fg.summary(b["probe_base_nll"], tuned, fg.agreement(b["qa_base_correct"], qa))
         self.times["eval"] += time.perf_counter() - t0
         run = {"model": self.model_name, "dtype": str(self.dtype).replace("torch.", ""), "world_size": self.world,
                "device": str(self.device), "steps": self.step, "planned_steps": self.total_steps,

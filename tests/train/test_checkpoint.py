@@ -123,7 +123,7 @@ def test_resume_config_check_names_what_changed():
                                                                                            "patience"]
     assert ck.check_resume_config(base, {**base, "log_every": 5, "test_file": "t.jsonl"},
                                   allow_config_change=False, path=path) == []
-    # with replay, the base model's probe answers are training rows: how they are generated is fixed
+    # with replay, the base model's answers to the replay prompts are training rows: how they are generated is fixed
     replay = {**base, "replay_ratio": 0.2}
     with pytest.raises(ck.CheckpointError, match="max_new_tokens"):
         ck.check_resume_config(replay, {**replay, "max_new_tokens": 9}, allow_config_change=True, path=path)

@@ -7,6 +7,7 @@ logits compare exactly; the real job's figures come from `sftfuse train` itself 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,10 +38,17 @@ def test_end_to_end_report_and_peft_logits(tiny_dir, data_dir, tmp_path):
     assert set(res.before["families"]) == set(res.after["families"]) == {"bracket_upper", "count_items"}
     assert res.probe["n_prompts"] == 2 and res.probe["base_nll"] > 0
     report = (out / "report.md").read_text()
-    for needle in ("Task accuracy", "Forgetting probe", "tokens/s", "peak memory", "loss_curve.png", "Data report"):
+    for needle in ("Task accuracy", "## Forgetting", "KL(base", "general questions", "tokens/s", "peak memory",
+                   "loss_curve.png", "Data report"):
         assert needle in report
     assert (out / "loss_curve.png").stat().st_size > 1000
-    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # the probe at each validation: its NLL and its rise over the step-0 model, drawn on the loss curve
+    assert [m["step"] for m in metrics if "probe_rise" in m] == [2, 4]
+    assert all(m["probe_nll"] > 0 and math.isfinite(m["probe_rise"]) for m in metrics if "probe_rise" in m)
+    assert res.probe["kl"] > 0 and res.probe["answers"]["n_questions"] >= 50
+    assert json.loads((out / "results.json").read_text())["config"]["replay_ratio"] == 0.25
 
     tensors, conf = ad.read_adapter(out / "adapter")
     assert conf["peft_type"] == "LORA" and conf["r"] == 4 and conf["lora_alpha"] == 8

@@ -1,0 +1,103 @@
+"""The gain-against-forgetting front of `sftfuse train` settings: one row per finished run directory.
+
+Each run is an ordinary `sftfuse train ... output_dir=DIR`; this reads every DIR's results.json (written at the end
+of a run) and writes `OUT.md` (a table: the options that differ from the defaults, task gain, worst family, the
+three forgetting figures, time) and `OUT.png` (gain against the probe's NLL rise, one labelled point per run).
+
+    python scripts/forgetting_front.py RUN_DIR [RUN_DIR ...] --out bench/results/forgetting [--cpu "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORED = {"output_dir"}
+
+
+def _setting(cfg: dict) -> str:
+    sys.path.insert(0, str(ROOT))
+    from sftfuse.train.config import TrainConfig
+
+    default = TrainConfig().to_dict()
+    diff = [f"{k}={v}" for k, v in cfg.items() if k not in IGNORED and default.get(k) != v]
+    return " ".join(diff) or "(defaults)"
+
+
+def _row(run_dir: Path) -> dict:
+    res = json.loads((run_dir / "results.json").read_text())
+    before, after, probe, run = res.get("before"), res.get("after"), res.get("probe") or {}, res["run"]
+    fams = (after or {}).get("families", {})
+    worst = min(((after["families"][f]["acc"] - before["families"][f]["acc"], f) for f in fams), default=None)
+    answers = probe.get("answers") or {}
+    return {"setting": _setting(res.get("config", {})), "dir": str(run_dir),
+            "gain": 100 * (after["mean_acc"] - before["mean_acc"]) if before and after else None,
+            "before": 100 * before["mean_acc"] if before else None, "after": 100 * after["mean_acc"] if after else None,
+            "worst": f"{worst[1]} {100 * worst[0]:+.1f}" if worst else "-",
+            "nll_rise": 100 * probe["relative_change"] if probe else None, "kl": probe.get("kl"),
+            "agreement": 100 * answers["agreement"] if answers else None,
+            "wall_s": run.get("wall_seconds"), "tokens_per_s": run.get("tokens_per_s"), "steps": run.get("steps")}
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write(rows: list[dict], out: Path, cpu: str) -> None:
+    lines = ["# Task gain against forgetting: `sftfuse train` settings on the default model and data", "",
+             f"CPU: {cpu}; each row one run of `sftfuse train <setting>` (the options that differ from the defaults), "
+             "written by `scripts/forgetting_front.py`. Gain: mean task accuracy over the nine families, after minus "
+             "before. Forgetting: the probe's NLL rise and KL(base || tuned) per token over the base model's own "
+             "answers to 22 general prompts, and the share of the general questions the base answered correctly that "
+             "the tuned model still answers correctly.", "",
+             "| setting | accuracy before -> after | gain (pts) | worst family (pts) | probe NLL rise | probe KL | "
+             "answer agreement | steps | wall time | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| `{r['setting']}` | {_f(r['before'], '.1f')}% -> {_f(r['after'], '.1f')}% | "
+                     f"{_f(r['gain'], '+.1f')} | {r['worst']} | {_f(r['nll_rise'], '+.1f')}% | {_f(r['kl'], '.4f')} | "
+                     f"{_f(r['agreement'], '.0f')}% | {r['steps']} | {_f(r['wall_s'], '.0f')} s | "
+                     f"{_f(r['tokens_per_s'], '.0f')} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "runs": rows}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [r for r in rows if r["gain"] is not None and r["nll_rise"] is not None]
+    ax.scatter([r["nll_rise"] for r in pts], [r["gain"] for r in pts])
+    for r in pts:
+        ax.annotate(r["setting"].replace("(defaults)", "defaults")[:40], (r["nll_rise"], r["gain"]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.axvline(5, color="tab:red", ls=":", lw=1)
+    ax.set_xlabel("forgetting: probe NLL rise over the base (%)")
+    ax.set_ylabel("task gain (accuracy points)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "forgetting")
+    ap.add_argument("--cpu", default=platform.processor() or platform.machine())
+    args = ap.parse_args(argv)
+    missing = [str(d) for d in args.runs if not (d / "results.json").exists()]
+    if missing:
+        print(f"no results.json (unfinished run?) in: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    write([_row(d) for d in args.runs], args.out, args.cpu)
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
