@@ -149,9 +149,15 @@ def test_nf4linear_trains_through_input_and_bias():
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4linear_dtype_cast_keeps_quant_state(double_quant):
-    """model.to(bf16) casts biases but must leave the fp32 scales and code books exact."""
+    """model.to(bf16) casts biases and the compute dtype but must leave the fp32 scales and code books exact; a
+    device-only move keeps the compute dtype."""
     m = NF4Linear.from_linear(_linear(64, 24), double_quant=double_quant, compute_dtype=torch.float32)
     before = m.dequantize()
     m.to(torch.bfloat16)
     assert m.quant_map.dtype == torch.float32 and m.bias.dtype == torch.bfloat16
-    assert torch.equal(m.dequantize(), before)
+    assert m.compute_dtype == torch.bfloat16 and m.dequantize().dtype == torch.bfloat16
+    assert torch.equal(dequantize_nf4(m.quant, torch.float32), before)
+    m.to("cpu")
+    assert m.compute_dtype == torch.bfloat16
+    m.float()
+    assert m.compute_dtype == torch.float32 and torch.equal(m.dequantize(), before)
