@@ -26,8 +26,9 @@ class NF4Linear(nn.Linear):
     It subclasses `nn.Linear` (as bitsandbytes' Linear4bit does) so that what recognises linear layers by class
     recognises it: PEFT's `get_peft_model` with a plain `LoraConfig` (target names or "all-linear") wraps it in
     PEFT's LoRA `Linear`, whose forward is `base(x) + lora(x)`. `nn.Linear.__init__` is not run: `weight` is the
-    packed uint8 buffer, never a float parameter, so code that would write into a float `weight` (PEFT's merge,
-    DoRA's weight norm) fails on its dtype or shape instead of computing on packed bytes.
+    packed uint8 buffer ((out*in+1)//2, 1), never a float parameter, so code that would use it as the float
+    (out, in) weight (PEFT's merge, DoRA's weight norm) fails on its dtype or shape (for any layer of more than 2
+    inputs) instead of computing on packed bytes.
 
     The NF4 tensors are buffers (`weight` = packed bytes ((out*in+1)//2, 1), `absmax`, `quant_map`,
     `nested_absmax`, `nested_quant_map`), so `.to()` moves them; the state dict uses bitsandbytes' keys

@@ -112,6 +112,14 @@ def _check_adapter_on_plain_model(trained, family, tmp_path, use_rslora):
         assert (on_plain(ids).logits - want).norm() < 1.5 * (base_plain - base_nf4).norm()
 
 
+def test_all_linear_targets_every_nf4_projection():
+    """PEFT's "all-linear" shorthand finds NF4Linear (an nn.Linear subclass) and leaves out the output head."""
+    model = nf4_peft("llama", targets="all-linear")
+    assert {n.removeprefix("base_model.model.") for n in _peft_linears(model)} == {
+        n.removeprefix("base_model.model.") for n in _peft_linears(nf4_peft("llama"))}
+    assert len(_peft_linears(model)) == 14 and type(model.base_model.model.lm_head) is torch.nn.Linear
+
+
 def test_target_subset_leaves_the_rest_nf4(monkeypatch):
     """Only q_proj and v_proj get adapters; the MLP stays NF4Linear, so the MLP swap says why it stands aside."""
     ref = nf4_peft("qwen2", targets=["q_proj", "v_proj"])
