@@ -96,8 +96,8 @@ class NF4Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
         """Quantize `linear`'s weight (out, in) to NF4; the bias is kept, frozen, in `compute_dtype`."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):  # an NF4Linear is quantized already
+            raise TypeError(f"linear: expected a 16/32-bit nn.Linear, got {type(linear).__name__}")
         q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype)
         return cls.from_quant(q, bias, compute_dtype=compute_dtype)

@@ -136,6 +136,18 @@ def test_quantized_checkpoint_round_trip(tmp_path):
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+def test_nf4linear_is_an_nn_linear_that_is_never_requantized():
+    """NF4Linear subclasses nn.Linear (PEFT's dispatch and "all-linear" see a linear layer), but its packed bytes
+    are not a weight to quantize again: from_linear refuses it and quantize_model leaves it as it is."""
+    m = NF4Linear.from_linear(_linear(64, 24), compute_dtype=torch.float32)
+    assert isinstance(m, nn.Linear) and m.weight.dtype == torch.uint8
+    with pytest.raises(TypeError, match="linear: expected a 16/32-bit nn.Linear, got NF4Linear"):
+        NF4Linear.from_linear(m)
+    seq = nn.Sequential(m, nn.Linear(24, 8))
+    quantize_model(seq, compute_dtype=torch.float32)
+    assert seq[0] is m and isinstance(seq[1], NF4Linear)
+
+
 def test_nf4linear_trains_through_input_and_bias():
     m = NF4Linear.from_linear(_linear(96, 40), compute_dtype=torch.float32)
     m.bias.requires_grad_(True)
