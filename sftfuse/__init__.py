@@ -19,6 +19,7 @@ _API = {
     "dequantize_nf4": "sftfuse.kernels.nf4",
     "quantize_model": "sftfuse.modules.quantize",
     "NF4Linear": "sftfuse.modules.linear",
+    "load_4bit_checkpoint": "sftfuse.modules.bnb_checkpoint",
     "LoRALinear": "sftfuse.modules.linear",
     "patch_model": "sftfuse.patch.patcher",
     "unpatch_model": "sftfuse.patch.patcher",

@@ -20,8 +20,15 @@ _QUANT_FLOATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(nn.Linear):
     """A frozen linear layer whose weight is stored in NF4 (bitsandbytes' format): y = x @ dequant(W)^T + b.
+
+    It subclasses `nn.Linear` (as bitsandbytes' Linear4bit does) so that what recognises linear layers by class
+    recognises it: PEFT's `get_peft_model` with a plain `LoraConfig` (target names or "all-linear") wraps it in
+    PEFT's LoRA `Linear`, whose forward is `base(x) + lora(x)`. `nn.Linear.__init__` is not run: `weight` is the
+    packed uint8 buffer ((out*in+1)//2, 1), never a float parameter, so code that would use it as the float
+    (out, in) weight (PEFT's merge, DoRA's weight norm) fails on its dtype or shape (for any layer of more than 2
+    inputs) instead of computing on packed bytes.
 
     The NF4 tensors are buffers (`weight` = packed bytes ((out*in+1)//2, 1), `absmax`, `quant_map`,
     `nested_absmax`, `nested_quant_map`), so `.to()` moves them; the state dict uses bitsandbytes' keys
@@ -33,7 +40,7 @@ class NF4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, device=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float (out, in) weight
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         n, nb = in_features * out_features, -(-in_features * out_features // blocksize)
         self._set_quant(NF4Weight(  # placeholder bytes of the right shapes, overwritten by loading or quantizing
@@ -56,7 +63,9 @@ class NF4Linear(nn.Module):
         self.offset, self.blocksize, self.weight_dtype = float(q.offset), q.blocksize, q.dtype
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must move the fp32 quant state but never round it: keep its dtype
+        # model.to(torch.bfloat16) must move the fp32 quant state but never round it: keep its dtype. The compute
+        # dtype follows a float cast (as an nn.Linear's follows its weight's): model.to(bf16) computes in bf16.
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         keep = {n: self._buffers[n] for n in _QUANT_FLOATS if self._buffers.get(n) is not None
                 and self._buffers[n].is_floating_point()}
         super()._apply(fn, recurse)
@@ -87,8 +96,8 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
         """Quantize `linear`'s weight (out, in) to NF4; the bias is kept, frozen, in `compute_dtype`."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):  # an NF4Linear is quantized already
+            raise TypeError(f"linear: expected a 16/32-bit nn.Linear, got {type(linear).__name__}")
         q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype)
         return cls.from_quant(q, bias, compute_dtype=compute_dtype)

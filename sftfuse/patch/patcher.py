@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from sftfuse.patch.families import FAMILIES, Family, family_of, loaded_classes
-from sftfuse.patch.swaps import SWAPS, Swap
+from sftfuse.patch.swaps import SWAPS, Swap, _is_nf4_linear
 
 _RECORD = "_sftfuse_forward"  # instance attribute: the _Forward we installed (present while patched)
 
@@ -164,9 +164,10 @@ def _check_loss(model, strict: bool) -> str | None:
             raise ValueError(f"model: {msg}; pass strict=False to patch only the generic parts")
         return msg
     head = getattr(model, family.lm_head, None)
-    # isinstance, not type(): FSDP2 swaps the class for a subclass. bitsandbytes' linears subclass nn.Linear too.
-    if not isinstance(head, nn.Linear) or isinstance(head, loaded_classes("bitsandbytes.nn.modules", "Linear4bit",
-                                                                          "Linear8bitLt")):
+    # isinstance, not type(): FSDP2 swaps the class for a subclass. bitsandbytes' 4/8-bit linears and sftfuse's
+    # NF4Linear subclass nn.Linear too, with packed weights the fused loss cannot read.
+    if not isinstance(head, nn.Linear) or _is_nf4_linear(head) or isinstance(
+            head, loaded_classes("bitsandbytes.nn.modules", "Linear4bit", "Linear8bitLt")):
         return f"{family.lm_head} is a {type(head).__name__}, not a 16/32-bit nn.Linear"
     if not isinstance(getattr(model, family.decoder, None), nn.Module):
         return f"no decoder module at .{family.decoder}"

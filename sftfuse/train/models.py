@@ -173,16 +173,22 @@ def load_tokenizer(path: str | Path | None):
 
 
 def load_model_and_tokenizer(path: str | None, *, dtype: torch.dtype = torch.float32, tok=None):
-    """The bundled default (None), a GGUF file, or an HF directory / hub id. Returns (model, tokenizer).
+    """The bundled default (None), a GGUF file, an HF directory / hub id, or a directory transformers saved from a
+    bitsandbytes 4-bit NF4 model (loaded into sftfuse's NF4Linear, `sftfuse.modules.bnb_checkpoint`). Returns
+    (model, tokenizer).
 
     `tok`: the tokenizer already loaded for `path` (`load_tokenizer`), so that a run reads it once."""
     from transformers import AutoModelForCausalLM
+
+    from sftfuse.modules.bnb_checkpoint import is_4bit_checkpoint, load_4bit_checkpoint
 
     if path is None:
         model, loaded = load_default_model(dtype=dtype)
         tok = tok if tok is not None else loaded
     elif str(path).endswith(".gguf"):
         model = _gguf_model(Path(path), dtype)
+    elif is_4bit_checkpoint(path):  # a `*-bnb-4bit` directory: NF4Linear layers, bitsandbytes not needed
+        model = load_4bit_checkpoint(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = tok if tok is not None else load_tokenizer(path)

@@ -136,6 +136,18 @@ def test_quantized_checkpoint_round_trip(tmp_path):
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+def test_nf4linear_is_an_nn_linear_that_is_never_requantized():
+    """NF4Linear subclasses nn.Linear (PEFT's dispatch and "all-linear" see a linear layer), but its packed bytes
+    are not a weight to quantize again: from_linear refuses it and quantize_model leaves it as it is."""
+    m = NF4Linear.from_linear(_linear(64, 24), compute_dtype=torch.float32)
+    assert isinstance(m, nn.Linear) and m.weight.dtype == torch.uint8
+    with pytest.raises(TypeError, match="linear: expected a 16/32-bit nn.Linear, got NF4Linear"):
+        NF4Linear.from_linear(m)
+    seq = nn.Sequential(m, nn.Linear(24, 8))
+    quantize_model(seq, compute_dtype=torch.float32)
+    assert seq[0] is m and isinstance(seq[1], NF4Linear)
+
+
 def test_nf4linear_trains_through_input_and_bias():
     m = NF4Linear.from_linear(_linear(96, 40), compute_dtype=torch.float32)
     m.bias.requires_grad_(True)
@@ -149,9 +161,15 @@ def test_nf4linear_trains_through_input_and_bias():
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4linear_dtype_cast_keeps_quant_state(double_quant):
-    """model.to(bf16) casts biases but must leave the fp32 scales and code books exact."""
+    """model.to(bf16) casts biases and the compute dtype but must leave the fp32 scales and code books exact; a
+    device-only move keeps the compute dtype."""
     m = NF4Linear.from_linear(_linear(64, 24), double_quant=double_quant, compute_dtype=torch.float32)
     before = m.dequantize()
     m.to(torch.bfloat16)
     assert m.quant_map.dtype == torch.float32 and m.bias.dtype == torch.bfloat16
-    assert torch.equal(m.dequantize(), before)
+    assert m.compute_dtype == torch.bfloat16 and m.dequantize().dtype == torch.bfloat16
+    assert torch.equal(dequantize_nf4(m.quant, torch.float32), before)
+    m.to("cpu")
+    assert m.compute_dtype == torch.bfloat16
+    m.float()
+    assert m.compute_dtype == torch.float32 and torch.equal(m.dequantize(), before)
