@@ -189,102 +189,158 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton path: launchers of the kernels in sftfuse/kernels/lora_triton.py, imported on first use (the PyTorch path
-# never imports Triton)
+# Triton path (CUDA): the big products as library GEMMs, the dropout-bearing rank-r pieces as the kernels of
+# sftfuse/kernels/lora_triton.py (imported on first use: the PyTorch path never imports Triton). Each rank-r
+# projection is formed once per layer, so the tensor-core FLOPs are the base GEMM's plus the adapter's (`plan`).
 
 
-def _weight(base, x, M):
-    """(dense W or None, NF4 kernel args): NF4 decodes in registers up to FUSED_MAX_TOKENS tokens (bound by
-    weight bytes); above, the GEMM is compute-bound and one dequantize pass is cheaper than decoding per M tile."""
+def _base_mm(a, base, bias, *, transposed):
+    """a @ W^T + bias (transposed=False) or a @ W (True) for a dense or NF4 base, on the CUDA path."""
     if isinstance(base, torch.Tensor):
-        return base.contiguous(), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False, "NF4_BLOCK": 64}
-    from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, dequantize_nf4
+        if transposed:
+            return a @ base
+        return torch.addmm(bias, a, base.T) if bias is not None else a @ base.T
+    from sftfuse.kernels.nf4 import matmul_triton
 
-    if M > FUSED_MAX_TOKENS or (x.dtype == torch.float32 and not interpreter_active()):
-        return dequantize_nf4(base, x.dtype), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False,
-                                                                     "NF4_BLOCK": 64}
-    dq = base.nested_absmax is not None
-    q = (base.packed, base.absmax, base.nested_absmax if dq else base.code, base.nested_code if dq else base.code,
-         base.code, float(base.offset))
-    return None, q, {"IS_NF4": True, "DOUBLE_QUANT": dq, "NF4_BLOCK": base.blocksize}
+    return matmul_triton(a, base, bias, transposed=transposed)
 
 
-def _launch_mm(x, w, q, nf4_flags, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale,
-               seed, thr, in_mask, out_mask):
-    """y = x W + s [mask](z V), z = [mask](x) D (M, r) stored too: `_lora_mm_kernel` (see lora_triton.py)."""
+def _launch_proj(x, A, *, scale, seed, thr):
+    """t = scale * dropout(x) A^T (M, r): one sweep over x, the mask in registers (`_lora_proj_kernel`)."""
     import triton
 
     from sftfuse.kernels import lora_triton as kt
 
-    M, R = x.shape[0], kt._rank_tile(z.shape[1])
-    cfg = kt._config(x.dtype, R, nf4_flags["IS_NF4"])
+    M, K = x.shape
+    t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
+    cfg = kt.proj_config()
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    kt._lora_mm_kernel[grid](
-        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z, *q,
-        M, n, k, z.shape[1],
-        x.stride(0), x.stride(1), *w_strides, *d_strides, *v_strides, y.stride(0), y.stride(1), z.stride(0),
-        scaling, z_scale, seed, thr,
-        **nf4_flags, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **kt._flags(x.dtype),
-        R=R, GROUP_M=8, **cfg, num_warps=warps, num_stages=stages)
+    kt._lora_proj_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        x, A, t, M, K, A.shape[0], x.stride(0), x.stride(1), A.stride(1), A.stride(0), t.stride(0), scale, seed, thr,
+        IN_MASK=True, **kt._flags(x.dtype), R=kt._rank_tile(A.shape[0]), **cfg, num_warps=warps, num_stages=stages)
+    return t
 
 
-def _launch_reduce(x, y, *, scale, seed, thr, in_mask):
-    """(P, r) = scale * [mask](x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
+def _launch_update(y, z, V, *, scale, seed, thr):
+    """y += scale * mask * (z V) in place, y (M, N), z (M, r), V (r, N) contiguous (`_lora_update_kernel`)."""
+    import triton
+
+    from sftfuse.kernels import lora_triton as kt
+
+    M, N = y.shape
+    cfg = kt.update_config()
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    kt._lora_update_kernel[grid](y, z, V, M, N, z.shape[1], y.stride(0), z.stride(0), V.stride(0), V.stride(1),
+                                 scale, seed, thr, OUT_MASK=True, **kt._flags(y.dtype), R=kt._rank_tile(z.shape[1]),
+                                 **cfg, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _launch_reduce(x, y, *, scale, seed, thr):
+    """(P, r) = scale * dropout(x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
     import triton
 
     from sftfuse.kernels import lora_triton as kt
 
     M, P = x.shape
-    R = kt._rank_tile(y.shape[1])
-    block_m, block_p = (32, 32) if interpreter_active() else (64, 64)
-    tiles_m = triton.cdiv(M, block_m)
-    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, block_p)))
-    rows = triton.cdiv(tiles_m, split) * block_m
+    cfg = kt.reduce_config()
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
+    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, cfg["BLOCK_P"])))
+    rows = triton.cdiv(tiles_m, split) * cfg["BLOCK_M"]
     split = triton.cdiv(M, rows)
     out = torch.empty(split, P, y.shape[1], device=x.device, dtype=torch.float32)
-    kt._lora_reduce_kernel[(triton.cdiv(P, block_p), split)](
-        x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0),
-        scale, seed, thr, IN_MASK=in_mask, **kt._flags(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, R=R,
-        num_warps=4, num_stages=1 if interpreter_active() else 3)
+    kt._lora_reduce_kernel[(triton.cdiv(P, cfg["BLOCK_P"]), split)](
+        x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0), scale, seed, thr,
+        IN_MASK=True, **kt._flags(x.dtype), R=kt._rank_tile(y.shape[1]), **cfg, num_warps=warps, num_stages=stages)
     return out.sum(0)
 
 
 def lora_fwd_triton(x, base, A, B, s, bias, seed, p):
-    """`lora_linear_fwd` on the Triton path, r <= 64: (y (M, N), t (M, r))."""
+    """`lora_linear_fwd` on the Triton path, r <= 64: (y (M, N), t (M, r)).
+
+    t = dropout(x) A^T once (the proj kernel under dropout, else one small GEMM); y = x W^T + b (cuBLAS, or NF4
+    by nf4's cost plan), then y += s t B^T as an addmm_ (cuBLAS reads and writes y once, no (M, N) temporary)."""
     x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-    M, K = x.shape
-    N = B.shape[0]
-    t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    W, q, nf4_flags = _weight(base, x, M)
-    # W^T (K, N) of a contiguous (N, K) W; the NF4 flat index uses the same strides
-    _launch_mm(x, W, q, nf4_flags, A, B, bias, y, t, n=N, k=K, w_strides=(1, K), d_strides=(A.stride(1), A.stride(0)),
-               v_strides=(B.stride(1), B.stride(0)), scaling=s, z_scale=1.0 / (1.0 - p), seed=seed,
-               thr=dropout_threshold(p), in_mask=p > 0, out_mask=False)
-    return y, t
+    if x.shape[0] == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
+        return x.new_empty(0, B.shape[0]), x.new_empty(0, A.shape[0])
+    t = _launch_proj(x, A, scale=1.0 / (1.0 - p), seed=seed, thr=dropout_threshold(p)) if p > 0 else x @ A.T
+    y = _base_mm(x, base, bias, transposed=False)
+    return y.addmm_(t, B.T, alpha=s), t
 
 
 def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
-    """`lora_linear_bwd` on the Triton path, r <= 64: (dx (M, K) or None, dA (r, K), dB (N, r))."""
+    """`lora_linear_bwd` on the Triton path, r <= 64: (dx (M, K) or None, dA (r, K), dB (N, r)).
+
+    u = dy B once; dx = dy W (cuBLAS or NF4) + s/(1-p) mask (u A) (addmm_, or the update kernel under dropout);
+    dA = s/(1-p) u^T dropout(x) (one GEMM, or the reduce kernel under dropout); dB = s dy^T t (one GEMM)."""
     dy, x, t, A, B = dy.contiguous(), x.contiguous(), t.contiguous(), A.contiguous(), B.contiguous()
-    M, N = dy.shape
-    K = x.shape[1]
+    if dy.shape[0] == 0:
+        dx = x.new_zeros(0, x.shape[1]) if need_dx else None
+        return dx, torch.zeros_like(A), torch.zeros_like(B)
     thr = dropout_threshold(p)
-    u = torch.empty(M, A.shape[0], device=dy.device, dtype=dy.dtype)
+    u = dy @ B  # (M, r)
     dx = None
-    if not need_dx:
-        u = dy @ B
-    else:  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop; W (N, K) read as is
-        W, q, nf4_flags = _weight(base, dy, M)
-        dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-        _launch_mm(dy, W, q, nf4_flags, B, A, None, dx, u, n=K, k=N, w_strides=(K, 1),
-                   d_strides=(B.stride(0), B.stride(1)),
-                   v_strides=(A.stride(0), A.stride(1)), scaling=s / (1.0 - p), z_scale=1.0, seed=seed, thr=thr,
-                   in_mask=False, out_mask=p > 0)
-    dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr, in_mask=p > 0).T.to(x.dtype)
-    dB = _launch_reduce(dy, t, scale=s, seed=seed, thr=thr, in_mask=False).to(x.dtype)
-    return dx, dA.contiguous(), dB
+    if need_dx:
+        dx = _base_mm(dy, base, None, transposed=True)
+        if p > 0:
+            _launch_update(dx, u, A, scale=s / (1.0 - p), seed=seed, thr=thr)
+        else:
+            dx.addmm_(u, A, alpha=s)
+    if p > 0:
+        dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr).T.to(x.dtype).contiguous()
+    else:
+        dA = torch.mm(u.T, x).mul_(s)
+    dB = torch.mm(dy.T, t).mul_(s)  # (N, r)
+    return dx, dA, dB
+
+
+# Cost plan of the Triton path, for `sftfuse.kernels.roofline`: what each launch reads, writes and computes.
+
+
+def plan(M: int, N: int, K: int, r: int, device_props=None, *, p: float = 0.0, nf4: bool = False,
+         dtype: torch.dtype = torch.bfloat16, need_dx: bool = True) -> dict:
+    """The launches of one LoRA linear (forward + backward) on the CUDA path and their predicted costs.
+
+    Args:
+        M, N, K, r: tokens, out-features, in-features, rank. device_props: mapping of `sftfuse.kernels.nf4.GPU`
+            keys (tflops, hbm_tbs, alu_tops, launch_s); None: the H100's. p: dropout. nf4: an NF4 base (its
+            launches come from `sftfuse.kernels.nf4.plan`). dtype: x's. need_dx: the input gradient is formed.
+    Returns:
+        {"launches": [{"name", "flops", "bytes", "time_s"}, ...], "flops", "bytes", "time_s",
+         "base_flops" (x W^T and dy W), "adapter_flops" (the four rank-r GEMMs, each once), "nf4_paths"}.
+    """
+    from sftfuse.kernels.nf4 import gemm_cost, gpu_props
+    from sftfuse.kernels.nf4 import plan as nf4_plan
+
+    g, e = gpu_props(device_props), torch.empty(0, dtype=dtype).element_size()
+    launches, nf4_paths = [], []
+
+    def gemm(name, m, n, k, extra_bytes=0):
+        launches.append(gemm_cost(name, m, n, k, g, e, extra_bytes))
+
+    def base(name, transposed):
+        if not nf4:
+            return gemm(name, M, K if transposed else N, N if transposed else K)
+        pl = nf4_plan(M, N, K, g, dtype=dtype, transposed=transposed)
+        nf4_paths.append(pl["path"])
+        launches.extend(pl[pl["path"]]["launches"])
+
+    gemm("t = dropout(x) A^T" if p > 0 else "t = x A^T", M, r, K)
+    base("y = x W^T + b", False)
+    gemm("y += s t B^T", M, N, r, extra_bytes=M * N * e)  # beta = 1 reads y
+    gemm("u = dy B", M, r, N)
+    if need_dx:
+        base("dx = dy W", True)
+        gemm("dx += s mask (u A)", M, K, r, extra_bytes=M * K * e)
+    gemm("dA = s u^T dropout(x)", r, K, M)
+    gemm("dB = s dy^T t", N, r, M)
+    tot = {k: sum(x[k] for x in launches) for k in ("flops", "bytes", "time_s")}
+    base_flops = 2 * M * N * K * (2 if need_dx else 1)
+    adapter_flops = 2 * M * r * (K + N) * (2 if need_dx else 1) + 2 * M * r * (K + N)
+    return {"launches": launches, **tot, "base_flops": base_flops, "adapter_flops": adapter_flops,
+            "nf4_paths": nf4_paths}
 
 
 # ---------------------------------------------------------------------------------------------------------------

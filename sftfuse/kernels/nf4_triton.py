@@ -1,4 +1,4 @@
-"""Triton kernels of the NF4 matmul (math, format, dispatch rule and launchers: sftfuse/kernels/nf4.py).
+"""Triton kernels of the NF4 matmul (math and format: sftfuse/kernels/nf4.py; plan and launchers: nf4_launch.py).
 
 - `_nf4_matmul_fwd_kernel`: y (M, N) = x (M, K) @ W^T; the K loop decodes a (BLOCK_K, BLOCK_N) tile of W^T.
 - `_nf4_matmul_bwd_kernel`: dx (M, K) = dy (M, N) @ W; the N loop decodes a (BLOCK_N, BLOCK_K) tile of W.
@@ -53,10 +53,11 @@ def _nf4_matmul_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    rows_x = offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M x K may pass 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+        x = tl.load(x_ptr + rows_x + kk[None, :],
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
         wmask = (kk[:, None] < K) & (offs_n[None, :] < N)
         flat = offs_n[None, :] * K + kk[:, None]  # (BLOCK_K, BLOCK_N) of W^T
@@ -73,7 +74,7 @@ def _nf4_matmul_fwd_kernel(
             acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -93,10 +94,11 @@ def _nf4_matmul_bwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
+    rows_dy = offs_m.to(tl.int64)[:, None] * stride_dym  # int64: M x N may pass 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         nn = n0 + offs_n
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + nn[None, :],
+        dy = tl.load(dy_ptr + rows_dy + nn[None, :],
                      mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
         wmask = (nn[:, None] < N) & (offs_k[None, :] < K)
         flat = nn[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) of W
@@ -111,7 +113,7 @@ def _nf4_matmul_bwd_kernel(
             acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(dy, w.to(dy.dtype))
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
@@ -121,7 +123,7 @@ def _nf4_dequantize_kernel(
     numel, offset,  # size and the nested offset
     DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: numel may near 2^31
     mask = offs < numel
     scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs[None, :] // BLOCKSIZE,
                     mask[None, :], DOUBLE_QUANT)
@@ -130,7 +132,7 @@ def _nf4_dequantize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Block sizes (the launchers, `matmul_triton` and `dequantize_triton`, are in sftfuse/kernels/nf4.py)
+# Block sizes (the launchers, `matmul_triton` and `dequantize_triton`, are in sftfuse/kernels/nf4_launch.py)
 
 
 def _config(m: int) -> tuple[int, int, int, int]:
