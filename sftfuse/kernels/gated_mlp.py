@@ -13,13 +13,17 @@ Backward, with a = act(g), h = a * u (in x's dtype, as autograd runs the unfused
     dh, d(down adapter) = lora backward of down at (dy, h);  du = dh * a;  dg = dh * u * act'(g)
     dx = (lora backward of gate at dg) + (lora backward of up at du)
 The dropout masks are regenerated from each projection's seed (`sftfuse.kernels.lora`), so the recomputed
-forward sees the same masks as the first one. The big GEMMs go through the LoRA launchers, Triton on CUDA.
+forward sees the same masks as the first one. The big GEMMs go through the LoRA launchers. The elementwise part
+(h = act(g) u forward; du, dg backward) is one Triton pass each way on CUDA (`gated_mlp_triton`), the eager ops on
+CPU (`gated_fwd`, `gated_bwd`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from sftfuse.kernels._registry import interpreter_active, use_triton
 
 ACTS = ("silu", "gelu_tanh")
 
@@ -34,3 +38,41 @@ def act_bwd(grad: torch.Tensor, g: torch.Tensor, act: str) -> torch.Tensor:
         return torch.ops.aten.silu_backward(grad, g)
     return torch.ops.aten.gelu_backward(grad, g, approximate="tanh")
 
+
+
+def gated_fwd(g: torch.Tensor, u: torch.Tensor, act: str, *, keep_act: bool = False):
+    """h = act(g) * u in g's dtype, g and u (M, F) contiguous: one Triton pass on CUDA, the eager ops on CPU.
+    keep_act: return (h, a) with a = act(g) for `gated_bwd` on the PyTorch path (None on the Triton path, which
+    recomputes it in registers)."""
+    if use_triton(g):
+        h = _gated_triton(act, g, u)[0]
+        return (h, None) if keep_act else h
+    a = act_fwd(g, act)
+    if not keep_act:
+        return a.mul_(u)
+    return a * u, a
+
+
+def gated_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str, a: torch.Tensor | None = None):
+    """(dg, du) of h = act(g) * u: du = dh * act(g), dg = (dh * u) * act'(g); one Triton pass on CUDA. On the
+    PyTorch path `a` is act(g) if the caller kept it, and dh is overwritten (a temporary of the block's backward)."""
+    if use_triton(g):
+        return _gated_triton(act, dh, g, u)
+    du = dh * (act_fwd(g, act) if a is None else a)
+    return act_bwd(dh.mul_(u), g, act), du
+
+
+def _gated_triton(act, *ins):
+    """The forward kernel on (g, u) -> (h,), or the backward kernel on (dh, g, u) -> (dg, du)."""
+    import triton
+
+    from sftfuse.kernels import gated_mlp_triton as kt
+
+    ins = [t.contiguous() for t in ins]
+    outs = tuple(torch.empty_like(ins[-1]) for _ in range(len(ins) - 1))
+    n = ins[0].numel()
+    if n:
+        kernel = kt._gated_fwd_kernel if len(ins) == 2 else kt._gated_bwd_kernel
+        kernel[(triton.cdiv(n, kt.block()),)](*ins, *outs, n, GELU=act == "gelu_tanh", INTERP=interpreter_active(),
+                                              BLOCK=kt.block(), num_warps=8)
+    return outs

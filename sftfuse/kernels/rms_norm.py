@@ -8,19 +8,40 @@ element for a bf16 model. This op keeps x itself (2 bytes) and r (4 bytes per ro
 backward:
     g = dL/dx_hat = dy * w   (or dy * (1 + w)),   dx = r * (g - x_hat * mean(g * x_hat)),   dw = sum_rows dy * x_hat
 SmolLM2 (30 layers, 2 norms each, 576 wide, 1024 tokens): 141 MB of fp32 activations become 71 MB of bf16 ones.
-Plain PyTorch ops, fp32 math: the same code runs on CPU and CUDA (the two elementwise passes are bandwidth-bound
-and the saving is in memory, so there is no Triton kernel for it).
+PyTorch path (CPU): plain ops, fp32 math. Triton path (CUDA, `sftfuse.kernels.rms_norm_triton`): one kernel each
+way, the row in registers (the eager module's ~10 elementwise passes become one read of x and one write of y; the
+backward reads x, dy and r once and writes dx once, dw reduced from per-program fp32 partial rows). Rows wider than
+16384 take the PyTorch path (warned once).
 """
 
 from __future__ import annotations
 
 import torch
 
+from sftfuse.kernels._registry import interpreter_active, use_triton, warn_once
+
 RULES = ("weight", "one_plus")
+_TRITON_MAX_H = 16384  # rms_norm_triton.MAX_H: one row in registers
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """The Triton path for CUDA tensors (or SFTFUSE_BACKEND=triton), except rows wider than the kernels hold."""
+    if not use_triton(x):
+        return False
+    if x.shape[-1] > _TRITON_MAX_H:
+        warn_once("rms_norm.width", f"rms_norm: rows of {x.shape[-1]} > {_TRITON_MAX_H} take the PyTorch path")
+        return False
+    return True
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, rule: str):
     """y (HF's dtype rule) and r (..., 1) fp32 for x (..., H)."""
+    if _use_triton(x):
+        return _rms_norm_fwd_triton(x, weight, eps, rule)
+    return _rms_norm_fwd_torch(x, weight, eps, rule)
+
+
+def _rms_norm_fwd_torch(x, weight, eps, rule):
     x32 = x.float()  # x itself when x is fp32: never written in place then
     r = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
     x_hat = x32 * r if x.dtype == torch.float32 else x32.mul_(r)
@@ -32,6 +53,12 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, rule: str):
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, rule: str,
                  need_dw: bool):
     """(dx in x's dtype, dw in weight's dtype or None)."""
+    if _use_triton(x):
+        return _rms_norm_bwd_triton(dy, x, r, weight, rule, need_dw)
+    return _rms_norm_bwd_torch(dy, x, r, weight, rule, need_dw)
+
+
+def _rms_norm_bwd_torch(dy, x, r, weight, rule, need_dw):
     x_hat = x.float() * r if x.dtype == torch.float32 else x.float().mul_(r)
     dy32 = dy.float()
     if rule == "weight":
@@ -56,3 +83,52 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, rule: str, *
     if rule == "weight":
         return weight * x_hat.to(x.dtype)
     return (x_hat * (1.0 + weight.float())).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton path: launchers of sftfuse/kernels/rms_norm_triton.py (imported on first use)
+
+
+def _rms_norm_fwd_triton(x, weight, eps, rule):
+    import triton
+
+    from sftfuse.kernels import rms_norm_triton as kt
+
+    H = x.shape[-1]
+    x2 = x.reshape(-1, H).contiguous()
+    M = x2.shape[0]
+    out_dtype = x.dtype if rule == "one_plus" else torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty(M, H, dtype=out_dtype, device=x.device)
+    r = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        cfg = kt.config(H)
+        warps = cfg.pop("num_warps")
+        kt._rms_norm_fwd_kernel[(triton.cdiv(M, cfg["ROWS"]),)](
+            x2, weight.contiguous(), y, r, M, H, x2.stride(0), y.stride(0), float(eps), ONE_PLUS=rule == "one_plus",
+            INTERP=interpreter_active(), **cfg, num_warps=warps, num_stages=1)
+    return y.view(*x.shape[:-1], H), r.view(*x.shape[:-1], 1)
+
+
+def _rms_norm_bwd_triton(dy, x, r, weight, rule, need_dw):
+    import triton
+
+    from sftfuse.kernels import rms_norm_triton as kt
+
+    H = x.shape[-1]
+    x2, dy2 = x.reshape(-1, H).contiguous(), dy.reshape(-1, H).contiguous()
+    M = x2.shape[0]
+    dx = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return dx.view(x.shape), torch.zeros_like(weight) if need_dw else None
+    cfg = kt.config(H)
+    warps = cfg.pop("num_warps")
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    progs = kt.bwd_programs(M, cfg["ROWS"], sms)
+    rows = triton.cdiv(triton.cdiv(M, progs), cfg["ROWS"]) * cfg["ROWS"]
+    progs = triton.cdiv(M, rows)
+    dw = torch.empty(progs, H, dtype=torch.float32, device=x.device) if need_dw else dx  # dx: never written then
+    kt._rms_norm_bwd_kernel[(progs,)](
+        dy2, x2, weight.contiguous(), r.reshape(-1).contiguous(), dx, dw, M, H, rows, dy2.stride(0), x2.stride(0),
+        dx.stride(0), ONE_PLUS=rule == "one_plus", NEED_DW=need_dw, INTERP=interpreter_active(), **cfg,
+        num_warps=warps, num_stages=1)
+    return dx.view(x.shape), dw.sum(0).to(weight.dtype) if need_dw else None
