@@ -17,8 +17,12 @@ base the adapter stays in x's dtype and nf4_matmul makes that choice around its 
 accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
 dy W added inside one GEMM). The CPU mask is one add and one lookup per element in a cached table of the
 per-element mixer (`_drop_mask`): each extra op costs a thread fork-join on a busy CPU. An NF4 base goes
-through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path: the kernels in `sftfuse.kernels.lora_triton`, launched
-from here; ranks above 64 (one R tile) take the PyTorch path, with a warning once per process.
+through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path (CUDA): t and u formed once per layer, the base products
+as cuBLAS GEMMs (an NF4 base by nf4's cost plan: fused decode GEMM or dequantize + cuBLAS), the rank-r terms
+accumulated with addmm_; only the dropout-bearing pieces are kernels of `sftfuse.kernels.lora_triton` (the mask in
+registers, applied once). Launches per layer, forward + backward: 3 + 5 without dropout (one Triton), the same
+count with dropout (three Triton); `plan` gives each launch's FLOPs and bytes. Ranks above 64 (one R tile) take the
+PyTorch path, with a warning once per process.
 """
 
 from __future__ import annotations
@@ -213,7 +217,7 @@ def _launch_proj(x, A, *, scale, seed, thr):
 
     M, K = x.shape
     t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
-    cfg = kt.proj_config()
+    cfg = kt.proj_config(x.dtype, A.shape[0], K % 16 == 0)  # K % 16: Triton's divisibility specialization
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     kt._lora_proj_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
         x, A, t, M, K, A.shape[0], x.stride(0), x.stride(1), A.stride(1), A.stride(0), t.stride(0), scale, seed, thr,
@@ -228,7 +232,7 @@ def _launch_update(y, z, V, *, scale, seed, thr):
     from sftfuse.kernels import lora_triton as kt
 
     M, N = y.shape
-    cfg = kt.update_config()
+    cfg = kt.update_config(y.dtype, z.shape[1], N % 16 == 0)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     kt._lora_update_kernel[grid](y, z, V, M, N, z.shape[1], y.stride(0), z.stride(0), V.stride(0), V.stride(1),
@@ -238,23 +242,23 @@ def _launch_update(y, z, V, *, scale, seed, thr):
 
 
 def _launch_reduce(x, y, *, scale, seed, thr):
-    """(P, r) = scale * dropout(x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
+    """(r, P) = scale * y^T @ dropout(x) in x's dtype, x (M, P), y (M, r), from fp32 partial sums over token splits."""
     import triton
 
     from sftfuse.kernels import lora_triton as kt
 
     M, P = x.shape
-    cfg = kt.reduce_config()
+    cfg = kt.reduce_config(x.dtype, y.shape[1], P % 16 == 0)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
     split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, cfg["BLOCK_P"])))
     rows = triton.cdiv(tiles_m, split) * cfg["BLOCK_M"]
     split = triton.cdiv(M, rows)
-    out = torch.empty(split, P, y.shape[1], device=x.device, dtype=torch.float32)
+    out = torch.empty(split, y.shape[1], P, device=x.device, dtype=torch.float32)
     kt._lora_reduce_kernel[(triton.cdiv(P, cfg["BLOCK_P"]), split)](
         x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0), scale, seed, thr,
         IN_MASK=True, **kt._flags(x.dtype), R=kt._rank_tile(y.shape[1]), **cfg, num_warps=warps, num_stages=stages)
-    return out.sum(0)
+    return out.sum(0, dtype=x.dtype)  # one launch: fp32 accumulation, one rounding
 
 
 def lora_fwd_triton(x, base, A, B, s, bias, seed, p):
@@ -289,10 +293,10 @@ def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
         else:
             dx.addmm_(u, A, alpha=s)
     if p > 0:
-        dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr).T.to(x.dtype).contiguous()
+        dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr)
     else:
-        dA = torch.mm(u.T, x).mul_(s)
-    dB = torch.mm(dy.T, t).mul_(s)  # (N, r)
+        dA = torch.addmm(x.new_empty(A.shape), u.T, x, beta=0, alpha=s)  # beta = 0: the input is never read
+    dB = torch.addmm(x.new_empty(B.shape), dy.T, t, beta=0, alpha=s)  # (N, r)
     return dx, dA, dB
 
 
@@ -304,15 +308,16 @@ def plan(M: int, N: int, K: int, r: int, device_props=None, *, p: float = 0.0, n
     """The launches of one LoRA linear (forward + backward) on the CUDA path and their predicted costs.
 
     Args:
-        M, N, K, r: tokens, out-features, in-features, rank. device_props: mapping of `sftfuse.kernels.nf4.GPU`
-            keys (tflops, hbm_tbs, alu_tops, launch_s); None: the H100's. p: dropout. nf4: an NF4 base (its
-            launches come from `sftfuse.kernels.nf4.plan`). dtype: x's. need_dx: the input gradient is formed.
+        M, N, K, r: tokens, out-features, in-features, rank. device_props: as `sftfuse.kernels.nf4_launch.gpu_props`
+            takes it (a mapping of GPU's keys tflops, hbm_tbs, alu_tops, launch_s, or 'h100' / 'a100'; None: the
+            H100). p: dropout. nf4: an NF4 base (its launches from `nf4_launch.plan`). dtype: x's. need_dx: the
+            input gradient is formed.
     Returns:
         {"launches": [{"name", "flops", "bytes", "time_s"}, ...], "flops", "bytes", "time_s",
          "base_flops" (x W^T and dy W), "adapter_flops" (the four rank-r GEMMs, each once), "nf4_paths"}.
     """
-    from sftfuse.kernels.nf4 import gemm_cost, gpu_props
-    from sftfuse.kernels.nf4 import plan as nf4_plan
+    from sftfuse.kernels.nf4_launch import gemm_cost, gpu_props
+    from sftfuse.kernels.nf4_launch import plan as nf4_plan
 
     g, e = gpu_props(device_props), torch.empty(0, dtype=dtype).element_size()
     launches, nf4_paths = [], []
@@ -338,7 +343,7 @@ def plan(M: int, N: int, K: int, r: int, device_props=None, *, p: float = 0.0, n
     gemm("dB = s dy^T t", N, r, M)
     tot = {k: sum(x[k] for x in launches) for k in ("flops", "bytes", "time_s")}
     base_flops = 2 * M * N * K * (2 if need_dx else 1)
-    adapter_flops = 2 * M * r * (K + N) * (2 if need_dx else 1) + 2 * M * r * (K + N)
+    adapter_flops = 2 * M * r * (3 * N + 2 * K + (K if need_dx else 0))  # t, t B^T, u, [u A], dA, dB
     return {"launches": launches, **tot, "base_flops": base_flops, "adapter_flops": adapter_flops,
             "nf4_paths": nf4_paths}
 

@@ -6,7 +6,7 @@ once per layer (no per-tile recompute of t = dropout(x) A^T or u = dy B, no drop
   the forward's only Triton launch (without dropout t is a cuBLAS GEMM).
 - `_lora_update_kernel`: dx += scale * mask * (u A), the backward's adapter term where the forward dropped x (a
   rank-r GEMM whose epilogue reads and writes dx once; without dropout it is an `addmm_`).
-- `_lora_reduce_kernel`: dA^T = s/(1-p) dropout(x)^T u, split over tokens for parallelism, fp32 partials summed.
+- `_lora_reduce_kernel`: dA = s/(1-p) u^T dropout(x), split over tokens for parallelism, fp32 partials summed.
 Row offsets are int64 (M x K passes 2^31 at ~75k tokens into a 28,672-wide down_proj). An NF4 base goes through
 `sftfuse.kernels.nf4` (fused decode GEMM or dequantize + cuBLAS, by its cost plan), never through these kernels.
 Limits: r <= 64 (one R tile; the launcher sends larger ranks to the PyTorch path, with a warning). fp32 inputs use
@@ -118,7 +118,7 @@ def _lora_update_kernel(
 
 @triton.jit
 def _lora_reduce_kernel(
-    # pointers: out[split] (P, R) = scale * [mask](X)^T @ Y over this split's token rows
+    # pointers: out[split] (R, P) = scale * ([mask](X)^T @ Y)^T over this split's token rows
     x_ptr, y_ptr, out_ptr,
     # sizes
     M, P, R_REAL, rows_per_split,
@@ -150,7 +150,8 @@ def _lora_reduce_kernel(
             keep = _keep_tile(_keys(offs_m, seed, 0x9E3779B1, 0), col_keys, thr)
             x = tl.where(keep, x, tl.zeros_like(x))
         acc = tl.dot(tl.trans(x), y, acc, input_precision=PREC)
-    tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None] * R_REAL + offs_r[None, :], acc * scale,
+    # stored transposed, out[split] (R, P): the partials' sum is dA itself, (r, K), with no transposing copy
+    tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + offs_r[None, :] * P + offs_p[:, None], acc * scale,
              mask=(offs_p[:, None] < P) & (offs_r[None, :] < R_REAL))
 
 
@@ -163,30 +164,48 @@ def _rank_tile(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def proj_config() -> dict:
+def _interp(**blocks) -> dict:
+    return {**blocks, "num_warps": 4, "num_stages": 1}
+
+
+def proj_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
     """t = dropout(x) A^T: bound by reading x once (M x K x 2 bytes); a 64-row tile keeps >= 128 programs at 8k
-    tokens and a 64-deep K tile feeds cp.async/TMA."""
+    tokens. `divisible`: K (x's row stride) is a multiple of 16, so rows load as vectors through cp.async; without
+    it each element takes its own 64-bit address, and a shallower tile keeps registers under 232 on sm_80. Tiles
+    keep 64 rows, the least a Hopper warpgroup MMA takes."""
     if interpreter_active():
-        return {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+        return _interp(BLOCK_M=32, BLOCK_K=32)
+    if dtype == torch.float32:  # three TF32 passes hold split operands: a 16-deep K tile, 8 warps past r = 16
+        return {"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 8 if R > 16 else 4, "num_stages": 4}
+    if not divisible:
+        return {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8 if R > 32 else 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
-def update_config() -> dict:
-    """dx += scale mask (u A): one rank-r dot per tile, bound by dx's read and write."""
+def update_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
+    """dx += scale mask (u A): one rank-r dot per tile (no K loop to pipeline), bound by dx's read and write.
+    `divisible`: N (dx's row stride) is a multiple of 16."""
     if interpreter_active():
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+        return _interp(BLOCK_M=32, BLOCK_N=32)
+    if dtype == torch.float32 or not divisible:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if R > 32 else 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1}
 
 
-def reduce_config() -> dict:
+def reduce_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
+    """dA^T = s/(1-p) dropout(x)^T u over token splits. `divisible`: P (x's row stride) is a multiple of 16."""
     if interpreter_active():
-        return {"BLOCK_M": 32, "BLOCK_P": 32, "num_warps": 4, "num_stages": 1}
+        return _interp(BLOCK_M=32, BLOCK_P=32)
+    if dtype == torch.float32 or not divisible:
+        return {"BLOCK_M": 32, "BLOCK_P": 64, "num_warps": 8 if R > 32 else 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3}
 
 
 def _flags(dtype):
-    """UPCAST: fp32 arithmetic under the interpreter (its bf16 is wrong); PREC: IEEE fp32 dots for fp32 inputs."""
-    return {"UPCAST": interpreter_active(), "PREC": "ieee" if dtype == torch.float32 else "tf32"}
+    """UPCAST: fp32 arithmetic under the interpreter (its bf16 is wrong). PREC: fp32 inputs use three TF32 passes
+    (tensor cores at about fp32 accuracy; plain IEEE dots would run on the CUDA cores), IEEE under the interpreter."""
+    interp = interpreter_active()
+    return {"UPCAST": interp, "PREC": "tf32" if dtype != torch.float32 else ("ieee" if interp else "tf32x3")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,59 +214,46 @@ def _flags(dtype):
 # compile check also builds the undivided variant Triton specializes for odd sizes)
 
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_PREC = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
+_PREC = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}
 
 
-def _cfg(fn):
-    cfg = fn()
-    return cfg, cfg.pop("num_warps"), cfg.pop("num_stages")
+def _spec(name, fn, config, dtype, R, divisible, sig, unit, flags, sizes):
+    """One configuration as the launcher picks it: blocks from `config(dtype, R, divisible)`, unit inner strides
+    (contiguous operands), and with `divisible` the row strides and sizes that are multiples of 16 (as Triton
+    specializes such integers at launch; the pointers are always 16-byte aligned fresh or contiguous tensors)."""
+    cfg = config(dtype, R, divisible)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    const = {u: 1 for u in unit} | flags | {"UPCAST": False, "PREC": _PREC[dtype], "R": R, **cfg}
+    sig = {k: v for k, v in sig.items() if k not in unit} | {n: "constexpr" for n in const}
+    ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+    return KernelSpec(f"{name}_{_TY[dtype]}_r{R}{'' if divisible else '_odd'}", fn, sig, const, num_warps=warps,
+                      num_stages=stages, divisible=ptrs + (sizes if divisible else ()))
 
 
-def _proj_spec(dtype, R, divisible):
-    ty = _TY[dtype]
-    cfg, warps, stages = _cfg(proj_config)
-    sig = {"x_ptr": f"*{ty}", "d_ptr": f"*{ty}", "z_ptr": f"*{ty}"}
-    sig |= {n: "i32" for n in ("M", "K", "R_REAL", "stride_xm", "stride_dk", "stride_zm", "seed", "thr")}
-    sig |= {"z_scale": "fp32"}
-    const = {"stride_xk": 1, "stride_dr": 1, "IN_MASK": True, "UPCAST": False, "PREC": _PREC[dtype], "R": R, **cfg}
-    sig |= {n: "constexpr" for n in const}
-    div = ("x_ptr", "d_ptr", "z_ptr") + (("K", "stride_xm", "stride_dk") if divisible else ())
-    return KernelSpec(f"lora_proj_{ty}_r{R}{'' if divisible else '_odd'}", _lora_proj_kernel, sig, const,
-                      num_warps=warps, num_stages=stages, divisible=div)
-
-
-def _update_spec(dtype, R, divisible):
-    ty = _TY[dtype]
-    cfg, warps, stages = _cfg(update_config)
-    sig = {"y_ptr": f"*{ty}", "z_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
-    sig |= {n: "i32" for n in ("M", "N", "R_REAL", "stride_ym", "stride_zm", "stride_vr", "seed", "thr")}
-    sig |= {"scale": "fp32"}
-    const = {"stride_vn": 1, "OUT_MASK": True, "UPCAST": False, "PREC": _PREC[dtype], "R": R, **cfg}
-    sig |= {n: "constexpr" for n in const}
-    div = ("y_ptr", "z_ptr", "v_ptr") + (("N", "stride_ym", "stride_vr") if divisible else ())
-    return KernelSpec(f"lora_update_{ty}_r{R}{'' if divisible else '_odd'}", _lora_update_kernel, sig, const,
-                      num_warps=warps, num_stages=stages, divisible=div)
-
-
-def _reduce_spec(dtype, R, divisible):
-    ty = _TY[dtype]
-    cfg, warps, stages = _cfg(reduce_config)
-    sig = {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "out_ptr": "*fp32"}
-    sig |= {n: "i32" for n in ("M", "P", "R_REAL", "rows_per_split", "stride_xm", "stride_ym", "stride_os", "seed",
-                               "thr")}
-    sig |= {"scale": "fp32"}
-    const = {"stride_xp": 1, "IN_MASK": True, "UPCAST": False, "PREC": _PREC[dtype], "R": R, **cfg}
-    sig |= {n: "constexpr" for n in const}
-    div = ("x_ptr", "y_ptr", "out_ptr") + (("P", "stride_xm", "stride_os", "rows_per_split") if divisible else ())
-    return KernelSpec(f"lora_reduce_{ty}_r{R}{'' if divisible else '_odd'}", _lora_reduce_kernel, sig, const,
-                      num_warps=warps, num_stages=stages, divisible=div)
+def _i32(*names):
+    return {n: "i32" for n in names}
 
 
 def _specs():
     specs = []
-    for make in (_proj_spec, _update_spec, _reduce_spec):
-        specs += [make(torch.bfloat16, R, True) for R in (16, 32, 64)]
-        specs += [make(torch.bfloat16, 16, False), make(torch.float32, 16, True), make(torch.float32, 64, True)]
+    for dtype, R, div in [(d, r, v) for d in (torch.bfloat16, torch.float32) for r in (16, 32, 64) for v in (1, 0)]:
+        ty = f"*{_TY[dtype]}"
+        proj = {"x_ptr": ty, "d_ptr": ty, "z_ptr": ty, **_i32("M", "K", "R_REAL", "stride_xm", "stride_xk",
+                                                              "stride_dk", "stride_dr", "stride_zm"),
+                "z_scale": "fp32", **_i32("seed", "thr")}
+        specs.append(_spec("lora_proj", _lora_proj_kernel, proj_config, dtype, R, div, proj,
+                           ("stride_xk", "stride_dr"), {"IN_MASK": True}, ("K", "stride_xm", "stride_dk")))
+        upd = {"y_ptr": ty, "z_ptr": ty, "v_ptr": ty, **_i32("M", "N", "R_REAL", "stride_ym", "stride_zm",
+                                                             "stride_vr", "stride_vn"),
+               "scale": "fp32", **_i32("seed", "thr")}
+        specs.append(_spec("lora_update", _lora_update_kernel, update_config, dtype, R, div, upd, ("stride_vn",),
+                           {"OUT_MASK": True}, ("N", "stride_ym", "stride_vr")))
+        red = {"x_ptr": ty, "y_ptr": ty, "out_ptr": "*fp32", **_i32("M", "P", "R_REAL", "rows_per_split",
+                                                                    "stride_xm", "stride_xp", "stride_ym",
+                                                                    "stride_os"),
+               "scale": "fp32", **_i32("seed", "thr")}
+        specs.append(_spec("lora_reduce", _lora_reduce_kernel, reduce_config, dtype, R, div, red, ("stride_xp",),
+                           {"IN_MASK": True}, ("P", "stride_xm", "stride_os")))
     return specs
 
 

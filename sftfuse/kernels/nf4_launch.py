@@ -37,7 +37,7 @@ DECODE_OPS = 10  # per weight per decode: byte load share, shift/mask, code gath
 FUSED_EFF = 0.5  # tensor-core efficiency of the decode-in-K-loop GEMM (128 x 128 x 32 tiles beside the decode)
 GEMM_EFF = 0.8  # cuBLAS at large shapes
 FUSED_MAX_TOKENS = 2048  # a hard cap on the fused route whatever the plan says (its tiles were tuned below it)
-FUSED_TILE_M = (16, 128)  # nf4_triton._config: 16-row tiles up to 16 tokens, 128 above
+FUSED_TILE_M = (64, 128)  # nf4_triton._config: 64-row tiles up to SMALL_M = 64 tokens, 128 above
 
 
 def gpu_props(device_props=None) -> dict:
@@ -74,7 +74,9 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
     """The route of one NF4 matmul, (M, K) x W_hat^T (N, K) -> (M, N) (transposed: (M, N) x W_hat -> (M, K)).
 
     Returns {"path": "fused" or "dequant", "fused": cost, "dequant": cost}, each cost {"flops", "bytes", "time_s",
-    "decode_ops", "launches": [...]} (`fused` is None for fp32, which only the dequant route serves).
+    "decode_ops", "launches": [...]}. `fused` is None where only the dequant route serves: fp32 (no fp32
+    tensor-core dot to fuse into), and K not a multiple of the blocksize or a blocksize under the fused kernels' K
+    tile (32), where a K tile would straddle blocks and need one scale per element instead of one per row.
     """
     g, elem = gpu_props(device_props), torch.empty(0, dtype=dtype).element_size()
     out_n, red_k = (K, N) if transposed else (N, K)
@@ -89,8 +91,8 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
     dequant = {"launches": [deq, mm], "decode_ops": deq_ops, **{k: deq[k] + mm[k] for k in ("flops", "bytes",
                                                                                           "time_s")}}
     fused = None
-    if dtype != torch.float32:
-        tiles = math.ceil(M / (FUSED_TILE_M[0] if M <= 16 else FUSED_TILE_M[1]))
+    if dtype != torch.float32 and K % blocksize == 0 and blocksize >= 32:
+        tiles = math.ceil(M / (FUSED_TILE_M[0] if M <= FUSED_TILE_M[0] else FUSED_TILE_M[1]))
         ops = deq_ops * tiles
         t = (max(flops / (g["tflops"] * 1e12 * FUSED_EFF), (w4 + act) / (g["hbm_tbs"] * 1e12)) + ops / alu
              + g["launch_s"])

@@ -139,21 +139,25 @@ def _config(m: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK over N, BLOCK over K, warps) for `m` tokens.
 
     K tiles of 64 or 32 divide every blocksize >= 64: with K % blocksize == 0 a tile row then lies in one block
-    (ALIGNED: one scale per row). The large tile decodes 32 x 128 weights per step: at 64 x 128 the decode
-    spilled 8-16 bytes on sm_80.
+    (ALIGNED: one scale per row; the launcher sends every other shape to the dequantize route). The small tile is
+    64 rows, the least a Hopper warpgroup MMA (wgmma) takes: rows past the few tokens cost tensor-core FLOPs, which
+    are free while the weight read bounds the kernel. The large tile decodes 32 x 128 weights per step: at 64 x 128
+    the decode spilled 8-16 bytes on sm_80.
     """
-    if m <= 16:
-        return 16, 64, 64, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
+    if m <= SMALL_M:
+        return 64, 64, 32, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
     return 128, 128, 32, 8
 
 
+SMALL_M = 64
 _DEQ_BLOCK = 1024  # values per program of the dequantize kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 takes the dequantize
-# route): double quant or not, K block-aligned or not, both tiles; for the compile check. (The numerics check for
-# `sftfuse verify` needs the reference: it is registered in nf4.py.)
+# Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 and K not a multiple of
+# the blocksize take the dequantize route): double quant or not, both tiles, with the divisibility real shapes give
+# (every pointer 16-byte aligned, N, K and the row strides multiples of 16); for the compile check. (The numerics
+# check for `sftfuse verify` needs the reference: it is registered in nf4.py.)
 
 _Q = {"packed_ptr": "*u8", "code_ptr": "*fp32"}
 
@@ -163,35 +167,35 @@ def _qsig(dq: bool) -> dict[str, str]:
             "nested_code_ptr": "*fp32" if dq else "*u8"}
 
 
+def _ptrs(sig: dict[str, str]) -> tuple[str, ...]:
+    return tuple(k for k, v in sig.items() if v.startswith("*"))
+
+
 def _specs() -> list[KernelSpec]:
     specs = []
-    for dq, aligned, m in itertools.product((True, False), (True, False), (16, 128)):
+    for dq, m in itertools.product((True, False), (SMALL_M, 128 + SMALL_M)):
         bm, bn, bk, warps = _config(m)
-        meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": aligned, "FP32_DOT": False, "BLOCK_M": bm}
-        # ALIGNED implies K % 64 == 0, so K and the row strides (= K) are multiples of 16; otherwise K may be odd
-        sizes = ("K",) if aligned else ()
+        meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": True, "FP32_DOT": False, "BLOCK_M": bm}
         fwd_sig = {"x_ptr": "*bf16", **_qsig(dq), "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                    "K": "i32", "offset": "fp32", "stride_xm": "i32", "stride_ym": "i32"}
         fwd_sig.update({k: "constexpr" for k in ("HAS_BIAS", "DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT",
                                                  "BLOCK_M", "BLOCK_N", "BLOCK_K")})
         specs.append(KernelSpec("nf4_matmul_fwd", _nf4_matmul_fwd_kernel, fwd_sig,
                                 {**meta, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                divisible=("x_ptr", "y_ptr", "packed_ptr", *sizes, *(("stride_xm",) if aligned else ()),
-                                           "stride_ym")))
+                                divisible=(*_ptrs(fwd_sig), "N", "K", "stride_xm", "stride_ym")))
         bwd_sig = {"dy_ptr": "*bf16", **_qsig(dq), "dx_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                    "offset": "fp32", "stride_dym": "i32", "stride_dxm": "i32"}
         bwd_sig.update({k: "constexpr" for k in ("DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT", "BLOCK_M",
                                                  "BLOCK_N", "BLOCK_K")})
         specs.append(KernelSpec("nf4_matmul_bwd", _nf4_matmul_bwd_kernel, bwd_sig,
                                 {**meta, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                divisible=("dy_ptr", "dx_ptr", "packed_ptr", *sizes, "stride_dym",
-                                           *(("stride_dxm",) if aligned else ()))))
+                                divisible=(*_ptrs(bwd_sig), "N", "K", "stride_dym", "stride_dxm")))
     for dq in (True, False):
-        specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel,
-                                {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32",
-                                 "DOUBLE_QUANT": "constexpr", "BLOCKSIZE": "constexpr", "BLOCK": "constexpr"},
+        sig = {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32", "DOUBLE_QUANT": "constexpr",
+               "BLOCKSIZE": "constexpr", "BLOCK": "constexpr"}
+        specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel, sig,
                                 {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "BLOCK": _DEQ_BLOCK},
-                                divisible=("packed_ptr", "out_ptr")))
+                                divisible=(*_ptrs(sig), "numel")))
     return specs
 
 
