@@ -23,7 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftfuse.kernels._registry import interpreter_active, use_triton
+from sftfuse.kernels._registry import (
+    CheckContext,
+    CheckResult,
+    interpreter_active,
+    max_error,
+    register_check,
+    tolerance,
+    use_triton,
+)
 
 ACTS = ("silu", "gelu_tanh")
 
@@ -76,3 +84,31 @@ def _gated_triton(act, *ins):
         kernel[(triton.cdiv(n, kt.block()),)](*ins, *outs, n, GELU=act == "gelu_tanh", INTERP=interpreter_active(),
                                               BLOCK=kt.block(), num_warps=8)
     return outs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `sftfuse verify`: the Triton path against the fp64 reference, in PyTorch's own error where it is 16-bit
+
+
+def _verify(ctx: CheckContext) -> None:
+    shapes = [(8192, 14336), (1024, 1536)] if ctx.large else [(37, 101)]
+    for (M, F_), dtype, act in [(s, d, a) for s in shapes for d in ctx.dtypes for a in ACTS]:
+        g, u, dh = (torch.randn(M, F_, device=ctx.device).mul_(2).to(dtype) for _ in range(3))
+        h = gated_fwd(g, u, act)
+        dg, du = gated_bwd(dh, g, u, act)
+        g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+        h64 = act_fwd(g64, act) * u64
+        refs = [h64.detach(), *torch.autograd.grad(h64, (g64, u64), dh.double())]
+        if dtype != torch.float32:
+            gl, ul = g.clone().requires_grad_(), u.clone().requires_grad_()
+            hl = act_fwd(gl, act) * ul
+            lows = [hl.detach(), *torch.autograd.grad(hl, (gl, ul), dh)]
+        else:
+            lows = [None] * 3
+        for name, ours, ref, low in zip(("h", "dg", "du"), (h, dg, du), refs, lows, strict=True):
+            ctx.results.append(CheckResult(f"gated_mlp {name} {act}", "triton", str(dtype).removeprefix("torch."),
+                                           f"{M}x{F_}", max_error(ours, ref),
+                                           tolerance(ref, dtype, None if low is None else max_error(low, ref))))
+
+
+register_check("gated_mlp", _verify)

@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from sftfuse.kernels._registry import interpreter_active, use_triton, warn_once
+from sftfuse.kernels._registry import (
+    CheckContext,
+    CheckResult,
+    interpreter_active,
+    max_error,
+    register_check,
+    tolerance,
+    use_triton,
+    warn_once,
+)
 
 RULES = ("weight", "one_plus")
 _TRITON_MAX_H = 16384  # rms_norm_triton.MAX_H: one row in registers
@@ -132,3 +141,29 @@ def _rms_norm_bwd_triton(dy, x, r, weight, rule, need_dw):
         dx.stride(0), ONE_PLUS=rule == "one_plus", NEED_DW=need_dw, INTERP=interpreter_active(), **cfg,
         num_warps=warps, num_stages=1)
     return dx.view(x.shape), dw.sum(0).to(weight.dtype) if need_dw else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `sftfuse verify`: the Triton path against the fp64 reference, in HF's own error where it is 16-bit
+
+
+def _verify(ctx: CheckContext) -> None:
+    shapes = [(8192, 4096), (4096, 576)] if ctx.large else [(37, 100), (5, 576)]
+    for (M, H), dtype, rule in [(s, d, r) for s in shapes for d in ctx.dtypes for r in RULES]:
+        x = torch.randn(M, H, device=ctx.device).to(dtype).requires_grad_()
+        w = (torch.randn(H, device=ctx.device) * 0.5).to(dtype).requires_grad_()
+        dy = torch.randn(M, H, device=ctx.device).to(dtype)
+        y, r = rms_norm_fwd(x.detach(), w.detach(), 1e-6, rule)
+        dx, dw = rms_norm_bwd(dy, x.detach(), r, w.detach(), rule, True)
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        y64 = rms_norm_ref(x64, w64, 1e-6, rule, upcast=True)
+        refs = [y64.detach(), *torch.autograd.grad(y64, (x64, w64), dy.double())]
+        hf = rms_norm_ref(x, w, 1e-6, rule)
+        lows = [hf.detach(), *torch.autograd.grad(hf, (x, w), dy)] if dtype != torch.float32 else [None] * 3
+        for name, ours, ref, low in zip(("y", "dx", "dw"), (y, dx, dw), refs, lows, strict=True):
+            ctx.results.append(CheckResult(f"rms_norm {name} {rule}", "triton", str(dtype).removeprefix("torch."),
+                                           f"{M}x{H}", max_error(ours, ref),
+                                           tolerance(ref, dtype, None if low is None else max_error(low, ref))))
+
+
+register_check("rms_norm", _verify)
