@@ -197,7 +197,7 @@ def reduce_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
     if interpreter_active():
         return _interp(BLOCK_M=32, BLOCK_P=32)
     if dtype == torch.float32 or not divisible:
-        return {"BLOCK_M": 32, "BLOCK_P": 64, "num_warps": 8 if R > 32 else 4, "num_stages": 3}
+        return {"BLOCK_M": 16 if R > 32 else 32, "BLOCK_P": 64, "num_warps": 8 if R > 32 else 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_P": 64, "num_warps": 4, "num_stages": 3}
 
 

@@ -11,7 +11,7 @@ SmolLM2 (30 layers, 2 norms each, 576 wide, 1024 tokens): 141 MB of fp32 activat
 PyTorch path (CPU): plain ops, fp32 math. Triton path (CUDA, `sftfuse.kernels.rms_norm_triton`): one kernel each
 way, the row in registers (the eager module's ~10 elementwise passes become one read of x and one write of y; the
 backward reads x, dy and r once and writes dx once, dw reduced from per-program fp32 partial rows). Rows wider than
-16384 take the PyTorch path (warned once).
+8192 take the PyTorch path (warned once).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sftfuse.kernels._registry import (
 )
 
 RULES = ("weight", "one_plus")
-_TRITON_MAX_H = 16384  # rms_norm_triton.MAX_H: one row in registers
+_TRITON_MAX_H = 8192  # rms_norm_triton.MAX_H: one row in registers
 
 
 def _use_triton(x: torch.Tensor) -> bool:

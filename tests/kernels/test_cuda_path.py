@@ -122,3 +122,20 @@ def test_dequantize_route_reuses_one_buffer_across_weights(triton_backend, monke
     assert len(nf4_launch._BUFFERS) == 1
     (buf,) = nf4_launch._BUFFERS.values()
     assert buf.dtype == dtype and buf.numel() == max(33 * 129, 70 * 64)  # grown once, to the larger weight
+
+
+def test_rms_norm_rows_wider_than_the_kernel_take_the_pytorch_path(triton_backend):
+    """A row wider than one register tile (8192) falls back, warned once, with the PyTorch path's result."""
+    import warnings
+
+    from sftfuse.kernels import _registry, rms_norm
+
+    _registry._WARNED.discard("rms_norm.width")
+    x, w = randn(2, 8193), randn(8193)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, r = rms_norm.rms_norm_fwd(x, w, 1e-6, "weight")
+        rms_norm.rms_norm_fwd(x, w, 1e-6, "weight")
+    assert sum("8193" in str(c.message) for c in caught) == 1
+    y_ref, r_ref = rms_norm._rms_norm_fwd_torch(x, w, 1e-6, "weight")
+    assert torch.equal(y, y_ref) and torch.equal(r, r_ref)
