@@ -10,7 +10,7 @@ once per layer (no per-tile recompute of t = dropout(x) A^T or u = dy B, no drop
 Row offsets are int64 (M x K passes 2^31 at ~75k tokens into a 28,672-wide down_proj). An NF4 base goes through
 `sftfuse.kernels.nf4` (fused decode GEMM or dequantize + cuBLAS, by its cost plan), never through these kernels.
 Limits: r <= 64 (one R tile; the launcher sends larger ranks to the PyTorch path, with a warning). fp32 inputs use
-IEEE fp32 dots (no TF32).
+three-pass TF32 dots on GPU (tensor cores at about fp32 accuracy), IEEE dots under the interpreter.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from sftfuse.kernels._registry import interpreter_active
 # (SMs x 128 lanes x clock on H100; x 64 int32 lanes on A100) and a kernel launch's fixed cost.
 GPU = {
     "h100": {"tflops": 989.0, "hbm_tbs": 3.35, "alu_tops": 60.0, "launch_s": 4e-6},
+    "h200": {"tflops": 989.0, "hbm_tbs": 4.8, "alu_tops": 60.0, "launch_s": 4e-6},
     "a100": {"tflops": 312.0, "hbm_tbs": 2.04, "alu_tops": 19.5, "launch_s": 4e-6},
 }
 DECODE_OPS = 10  # per weight per decode: byte load share, shift/mask, code gather, scale multiply, cvt, smem store
@@ -42,7 +44,7 @@ FUSED_TILE_M = (64, 128)  # nf4_triton._config: 64-row tiles up to SMALL_M = 64 
 
 def gpu_props(device_props=None) -> dict:
     """The plan's device figures: a mapping with GPU's keys (missing keys from the H100), a GPU name ('h100',
-    'a100'), a `torch.cuda` device (its name is matched, else the H100's figures), or None (the H100)."""
+    'h200', 'a100'), `torch.cuda` device properties (matched by name, else the H100's figures), or None (the H100)."""
     if device_props is None:
         return dict(GPU["h100"])
     if isinstance(device_props, str):
@@ -52,7 +54,7 @@ def gpu_props(device_props=None) -> dict:
     if isinstance(device_props, Mapping):
         return {**GPU["h100"], **device_props}
     name = getattr(device_props, "name", "").lower()
-    return dict(GPU["a100"] if "a100" in name else GPU["h100"])
+    return dict(next((v for k, v in GPU.items() if k in name), GPU["h100"]))
 
 
 def gemm_cost(name: str, m: int, n: int, k: int, g: Mapping, elem: int, extra_bytes: int = 0,
@@ -100,6 +102,14 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
         fused = {"launches": [launch], "decode_ops": ops, "flops": flops, "bytes": w4 + act, "time_s": t}
     use_fused = fused is not None and M <= FUSED_MAX_TOKENS and fused["time_s"] <= dequant["time_s"]
     return {"path": "fused" if use_fused else "dequant", "fused": fused, "dequant": dequant}
+
+
+@lru_cache(maxsize=4096)
+def _route(m, n, k, device, dtype, blocksize, double_quant, transposed, cap) -> str:
+    """`plan`'s path, cached per shape (and per FUSED_MAX_TOKENS, `cap`): a step asks the same few shapes per layer."""
+    props = next((v for name, v in GPU.items() if name in device), GPU["h100"])
+    return plan(m, n, k, props, dtype=dtype, blocksize=blocksize, double_quant=double_quant,
+                transposed=transposed)["path"]
 
 
 def check_weight(q) -> None:
@@ -173,9 +183,9 @@ def matmul_triton(a: torch.Tensor, q, bias: torch.Tensor | None, *, transposed: 
     n_out, k_in = q.shape
     if m == 0:  # no tokens: an empty result, nothing launched
         return a.new_empty(0, k_in if transposed else n_out)
-    props = torch.cuda.get_device_properties(a.device) if a.is_cuda else None
-    route = plan(m, n_out, k_in, props, dtype=a.dtype, blocksize=q.blocksize,
-                 double_quant=q.nested_absmax is not None, transposed=transposed)["path"]
+    device = torch.cuda.get_device_name(a.device) if a.is_cuda else "h100"
+    route = _route(m, n_out, k_in, device.lower(), a.dtype, q.blocksize, q.nested_absmax is not None, transposed,
+                   FUSED_MAX_TOKENS)
     if route == "dequant":
         w = dequantize_triton(q, a.dtype, reuse=True)
         return a @ w if transposed else F.linear(a, w, bias)
