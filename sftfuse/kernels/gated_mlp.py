@@ -112,3 +112,13 @@ def _verify(ctx: CheckContext) -> None:
 
 
 register_check("gated_mlp", _verify)
+
+
+def plan(M: int, F_: int, *, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The Triton path's elementwise launches of one gated MLP step (M tokens, F_ intermediate), with their HBM
+    bytes, for `sftfuse.kernels.roofline`: the forward's h, the backward's h again (down's adapter gradient needs it;
+    the block saves no (M, F) tensor) and the fused dg, du pass."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    return {"launches": [{"name": "gated fwd: h = act(g) u", "flops": 0, "bytes": 3 * M * F_ * e},
+                         {"name": "gated fwd again in the backward: h", "flops": 0, "bytes": 3 * M * F_ * e},
+                         {"name": "gated bwd: dg, du from dh, g, u", "flops": 0, "bytes": 5 * M * F_ * e}]}

@@ -76,9 +76,10 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
     """The route of one NF4 matmul, (M, K) x W_hat^T (N, K) -> (M, N) (transposed: (M, N) x W_hat -> (M, K)).
 
     Returns {"path": "fused" or "dequant", "fused": cost, "dequant": cost}, each cost {"flops", "bytes", "time_s",
-    "decode_ops", "launches": [...]}. `fused` is None where only the dequant route serves: fp32 (no fp32
-    tensor-core dot to fuse into), and K not a multiple of the blocksize or a blocksize under the fused kernels' K
-    tile (32), where a K tile would straddle blocks and need one scale per element instead of one per row.
+    "decode_ops", "launches": [{"name", "flops", "bytes", "alu_ops" (decode instructions), "time_s"}, ...]}.
+    `fused` is None where only the dequant route serves: fp32 (no fp32 tensor-core dot to fuse into), and K not a
+    multiple of the blocksize or a blocksize under the fused kernels' K tile (32), where a K tile would straddle
+    blocks and need one scale per element instead of one per row.
     """
     g, elem = gpu_props(device_props), torch.empty(0, dtype=dtype).element_size()
     out_n, red_k = (K, N) if transposed else (N, K)
@@ -88,7 +89,8 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
     deq_ops = N * K * DECODE_OPS
     alu = g["alu_tops"] * 1e12
     deq = {"name": "W_hat = dequantize(W4) into the reused buffer", "flops": 0, "bytes": w4 + N * K * elem,
-           "time_s": max((w4 + N * K * elem) / (g["hbm_tbs"] * 1e12), deq_ops / alu) + g["launch_s"]}
+           "alu_ops": deq_ops, "time_s": max((w4 + N * K * elem) / (g["hbm_tbs"] * 1e12), deq_ops / alu)
+           + g["launch_s"]}
     mm = gemm_cost("y = x W_hat^T" if not transposed else "dx = dy W_hat", M, out_n, red_k, g, elem)
     dequant = {"launches": [deq, mm], "decode_ops": deq_ops, **{k: deq[k] + mm[k] for k in ("flops", "bytes",
                                                                                           "time_s")}}
@@ -98,7 +100,8 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
         ops = deq_ops * tiles
         t = (max(flops / (g["tflops"] * 1e12 * FUSED_EFF), (w4 + act) / (g["hbm_tbs"] * 1e12)) + ops / alu
              + g["launch_s"])
-        launch = {"name": "fused NF4 GEMM (decode in the K loop)", "flops": flops, "bytes": w4 + act, "time_s": t}
+        launch = {"name": "fused NF4 GEMM (decode in the K loop)", "flops": flops, "bytes": w4 + act, "alu_ops": ops,
+                  "time_s": t}
         fused = {"launches": [launch], "decode_ops": ops, "flops": flops, "bytes": w4 + act, "time_s": t}
     use_fused = fused is not None and M <= FUSED_MAX_TOKENS and fused["time_s"] <= dequant["time_s"]
     return {"path": "fused" if use_fused else "dequant", "fused": fused, "dequant": dequant}

@@ -167,3 +167,19 @@ def _verify(ctx: CheckContext) -> None:
 
 
 register_check("rms_norm", _verify)
+
+
+def plan(M: int, H: int, *, dtype: torch.dtype = torch.bfloat16, need_dw: bool = True, sms: int = 132) -> dict:
+    """The Triton path's launches for M rows of width H (forward + backward), each with its HBM bytes, for
+    `sftfuse.kernels.roofline`: {"launches": [{"name", "flops", "bytes"}, ...]} (elementwise: no tensor FLOPs).
+    The backward's dw partial rows are one per program (`rms_norm_triton.bwd_programs`, `sms` SMs)."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    block_h = 1 << max(0, H - 1).bit_length()
+    rows = max(1, min(16, 2048 // block_h))  # rms_norm_triton.config's ROWS
+    progs = max(1, min(-(-M // rows), 4 * sms))
+    launches = [{"name": "rms_norm fwd: x -> y, r", "flops": 0, "bytes": 2 * M * H * e + 4 * M + H * e},
+                {"name": "rms_norm bwd: dy, x, r -> dx, dw partials", "flops": 0,
+                 "bytes": 3 * M * H * e + 4 * M + H * e + (progs * H * 4 if need_dw else 0)}]
+    if need_dw:
+        launches.append({"name": "rms_norm dw: partials summed", "flops": 0, "bytes": progs * H * 4 + H * e})
+    return {"launches": launches}

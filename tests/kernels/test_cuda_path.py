@@ -139,3 +139,19 @@ def test_rms_norm_rows_wider_than_the_kernel_take_the_pytorch_path(triton_backen
     assert sum("8193" in str(c.message) for c in caught) == 1
     y_ref, r_ref = rms_norm._rms_norm_fwd_torch(x, w, 1e-6, "weight")
     assert torch.equal(y, y_ref) and torch.equal(r, r_ref)
+
+
+@pytest.mark.parametrize("H", [100, 576, 2048, 8192])
+def test_rms_norm_plan_reads_the_launchers_tiles(monkeypatch, H):
+    """The plan's row tile is the one the launcher picks on a GPU (config outside the interpreter), so the cost model
+    and the kernel cannot drift; the elementwise plans take the cost model's interface."""
+    from sftfuse.kernels import gated_mlp, rms_norm, rms_norm_triton
+
+    monkeypatch.setattr(rms_norm_triton, "interpreter_active", lambda: False)
+    rows = rms_norm_triton.config(H)["ROWS"]
+    progs = max(1, min(-(-8192 // rows), 4 * 132))
+    pl = rms_norm.plan(8192, H, dtype=torch.bfloat16, need_dw=True)
+    assert pl["launches"][-1]["bytes"] == progs * H * 4 + H * 2
+    assert len(rms_norm.plan(8192, H, need_dw=False)["launches"]) == 2
+    gated = gated_mlp.plan(8192, 4 * H, dtype=torch.bfloat16)["launches"]
+    assert sum(x["bytes"] for x in gated) == 11 * 8192 * 4 * H * 2  # reads + writes: 3 (fwd), 3 (h again), 5 (bwd)
