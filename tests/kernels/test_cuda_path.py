@@ -155,3 +155,11 @@ def test_rms_norm_plan_reads_the_launchers_tiles(monkeypatch, H):
     assert len(rms_norm.plan(8192, H, need_dw=False)["launches"]) == 2
     gated = gated_mlp.plan(8192, 4 * H, dtype=torch.bfloat16)["launches"]
     assert sum(x["bytes"] for x in gated) == 11 * 8192 * 4 * H * 2  # reads + writes: 3 (fwd), 3 (h again), 5 (bwd)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.1, 0.5, 0.999])
+def test_the_launchers_dropout_threshold_is_the_masks(p):
+    """lora_launch keeps its own copy of the threshold (it must not import lora.py, which imports it): the same."""
+    from sftfuse.kernels.lora_launch import dropout_threshold
+
+    assert dropout_threshold(p) == lora.dropout_threshold(p)
