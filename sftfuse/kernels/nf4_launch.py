@@ -76,7 +76,8 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
     """The route of one NF4 matmul, (M, K) x W_hat^T (N, K) -> (M, N) (transposed: (M, N) x W_hat -> (M, K)).
 
     Returns {"path": "fused" or "dequant", "fused": cost, "dequant": cost}, each cost {"flops", "bytes", "time_s",
-    "decode_ops", "launches": [{"name", "flops", "bytes", "alu_ops" (decode instructions), "time_s"}, ...]}.
+    "decode_ops", "launches": [{"name", "flops", "bytes", "time_s"}, ...]}; the fused launch also carries "alu_ops",
+    its decode instructions, which sit in the GEMM's K loop and add to its time.
     `fused` is None where only the dequant route serves: fp32 (no fp32 tensor-core dot to fuse into), and K not a
     multiple of the blocksize or a blocksize under the fused kernels' K tile (32), where a K tile would straddle
     blocks and need one scale per element instead of one per row.
@@ -88,9 +89,9 @@ def plan(M: int, N: int, K: int, device_props=None, *, dtype: torch.dtype = torc
     flops = 2 * M * N * K
     deq_ops = N * K * DECODE_OPS
     alu = g["alu_tops"] * 1e12
+    # a streaming pass: its decode instructions overlap its memory traffic (max, and no "alu_ops" to add on)
     deq = {"name": "W_hat = dequantize(W4) into the reused buffer", "flops": 0, "bytes": w4 + N * K * elem,
-           "alu_ops": deq_ops, "time_s": max((w4 + N * K * elem) / (g["hbm_tbs"] * 1e12), deq_ops / alu)
-           + g["launch_s"]}
+           "time_s": max((w4 + N * K * elem) / (g["hbm_tbs"] * 1e12), deq_ops / alu) + g["launch_s"]}
     mm = gemm_cost("y = x W_hat^T" if not transposed else "dx = dy W_hat", M, out_n, red_k, g, elem)
     dequant = {"launches": [deq, mm], "decode_ops": deq_ops, **{k: deq[k] + mm[k] for k in ("flops", "bytes",
                                                                                           "time_s")}}
