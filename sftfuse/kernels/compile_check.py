@@ -5,8 +5,8 @@ sm_90 (H100/H200) with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 
 read with the `cuobjdump` bundled in Triton, it takes registers and local/stack bytes (spills); from the
 compiled metadata the dynamic shared memory, compared with the target's per-block limit (which the compile
 itself does not enforce); from the PTX whether the kernel uses tensor-core MMA (`wgmma` or `mma.sync`) and
-async copies (`cp.async`, TMA `cp.async.bulk`). Exits non-zero if a kernel fails to compile, spills, or needs
-more shared memory than the target has.
+async copies (`cp.async`, TMA `cp.async.bulk`). Exits non-zero if a kernel fails to compile, spills, needs
+more shared memory than the target has, or more registers than REG_LIMIT (232 on sm_80).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from sftfuse.kernels._registry import KernelSpec, import_kernel_modules, registe
 
 # Largest dynamic shared memory a block may opt into, in bytes (CUDA occupancy tables).
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
+# Most registers per thread a configuration may take: at 255 on sm_80 ptxas has no headroom left and the next change
+# spills; 232 keeps room (issue 14). sm_90's warpgroup MMAs keep their accumulators in registers: the hardware's 255.
+REG_LIMIT = {80: 232, 90: 255}
 TARGETS = (80, 90)
 
 
@@ -51,7 +54,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.spill == 0 and 0 <= self.shared <= SHARED_LIMIT[self.cap]
+        return (not self.error and self.spill == 0 and 0 <= self.shared <= SHARED_LIMIT[self.cap]
+                and self.regs <= REG_LIMIT[self.cap])
 
     def problem(self) -> str:
         if self.error:
@@ -59,6 +63,8 @@ class Row:
         problems = [f"spills {self.spill} B"] if self.spill else []
         if self.shared > SHARED_LIMIT[self.cap]:
             problems.append(f"shared {self.shared} B > limit")
+        if self.regs > REG_LIMIT[self.cap]:
+            problems.append(f"{self.regs} registers > {REG_LIMIT[self.cap]}")
         return ", ".join(problems) or "ok"
 
 

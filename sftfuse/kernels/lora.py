@@ -29,7 +29,6 @@ from sftfuse.kernels._cpu import gemm_dtype
 from sftfuse.kernels._registry import (
     CheckContext,
     CheckResult,
-    interpreter_active,
     max_error,
     register_check,
     tolerance,
@@ -189,103 +188,10 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton path: launchers of the kernels in sftfuse/kernels/lora_triton.py, imported on first use (the PyTorch path
-# never imports Triton)
+# Triton path: launchers of the kernels in sftfuse/kernels/lora_triton.py, in sftfuse/kernels/lora_launch.py with
+# the launch plan the cost model reads (the PyTorch path never imports Triton)
 
-
-def _weight(base, x, M):
-    """(dense W or None, NF4 kernel args): NF4 decodes in registers up to FUSED_MAX_TOKENS tokens (bound by
-    weight bytes); above, the GEMM is compute-bound and one dequantize pass is cheaper than decoding per M tile."""
-    if isinstance(base, torch.Tensor):
-        return base.contiguous(), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False, "NF4_BLOCK": 64}
-    from sftfuse.kernels.nf4 import FUSED_MAX_TOKENS, dequantize_nf4
-
-    if M > FUSED_MAX_TOKENS or (x.dtype == torch.float32 and not interpreter_active()):
-        return dequantize_nf4(base, x.dtype), (x, x, x, x, x, 0.0), {"IS_NF4": False, "DOUBLE_QUANT": False,
-                                                                     "NF4_BLOCK": 64}
-    dq = base.nested_absmax is not None
-    q = (base.packed, base.absmax, base.nested_absmax if dq else base.code, base.nested_code if dq else base.code,
-         base.code, float(base.offset))
-    return None, q, {"IS_NF4": True, "DOUBLE_QUANT": dq, "NF4_BLOCK": base.blocksize}
-
-
-def _launch_mm(x, w, q, nf4_flags, d, v, bias, y, z, *, n, k, w_strides, d_strides, v_strides, scaling, z_scale,
-               seed, thr, in_mask, out_mask):
-    """y = x W + s [mask](z V), z = [mask](x) D (M, r) stored too: `_lora_mm_kernel` (see lora_triton.py)."""
-    import triton
-
-    from sftfuse.kernels import lora_triton as kt
-
-    M, R = x.shape[0], kt._rank_tile(z.shape[1])
-    cfg = kt._config(x.dtype, R, nf4_flags["IS_NF4"])
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    kt._lora_mm_kernel[grid](
-        x, w if w is not None else x, d, v, bias if bias is not None else y, y, z, *q,
-        M, n, k, z.shape[1],
-        x.stride(0), x.stride(1), *w_strides, *d_strides, *v_strides, y.stride(0), y.stride(1), z.stride(0),
-        scaling, z_scale, seed, thr,
-        **nf4_flags, HAS_BIAS=bias is not None, IN_MASK=in_mask, OUT_MASK=out_mask, **kt._flags(x.dtype),
-        R=R, GROUP_M=8, **cfg, num_warps=warps, num_stages=stages)
-
-
-def _launch_reduce(x, y, *, scale, seed, thr, in_mask):
-    """(P, r) = scale * [mask](x)^T @ y, x (M, P), y (M, r), in fp32 partial sums over token splits."""
-    import triton
-
-    from sftfuse.kernels import lora_triton as kt
-
-    M, P = x.shape
-    R = kt._rank_tile(y.shape[1])
-    block_m, block_p = (32, 32) if interpreter_active() else (64, 64)
-    tiles_m = triton.cdiv(M, block_m)
-    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, block_p)))
-    rows = triton.cdiv(tiles_m, split) * block_m
-    split = triton.cdiv(M, rows)
-    out = torch.empty(split, P, y.shape[1], device=x.device, dtype=torch.float32)
-    kt._lora_reduce_kernel[(triton.cdiv(P, block_p), split)](
-        x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0),
-        scale, seed, thr, IN_MASK=in_mask, **kt._flags(x.dtype), BLOCK_M=block_m, BLOCK_P=block_p, R=R,
-        num_warps=4, num_stages=1 if interpreter_active() else 3)
-    return out.sum(0)
-
-
-def lora_fwd_triton(x, base, A, B, s, bias, seed, p):
-    """`lora_linear_fwd` on the Triton path, r <= 64: (y (M, N), t (M, r))."""
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-    M, K = x.shape
-    N = B.shape[0]
-    t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    W, q, nf4_flags = _weight(base, x, M)
-    # W^T (K, N) of a contiguous (N, K) W; the NF4 flat index uses the same strides
-    _launch_mm(x, W, q, nf4_flags, A, B, bias, y, t, n=N, k=K, w_strides=(1, K), d_strides=(A.stride(1), A.stride(0)),
-               v_strides=(B.stride(1), B.stride(0)), scaling=s, z_scale=1.0 / (1.0 - p), seed=seed,
-               thr=dropout_threshold(p), in_mask=p > 0, out_mask=False)
-    return y, t
-
-
-def lora_bwd_triton(dy, x, t, base, A, B, s, seed, p, need_dx):
-    """`lora_linear_bwd` on the Triton path, r <= 64: (dx (M, K) or None, dA (r, K), dB (N, r))."""
-    dy, x, t, A, B = dy.contiguous(), x.contiguous(), t.contiguous(), A.contiguous(), B.contiguous()
-    M, N = dy.shape
-    K = x.shape[1]
-    thr = dropout_threshold(p)
-    u = torch.empty(M, A.shape[0], device=dy.device, dtype=dy.dtype)
-    dx = None
-    if not need_dx:
-        u = dy @ B
-    else:  # dx = dy W + s mask (u A) / (1 - p), u = dy B from the same K loop; W (N, K) read as is
-        W, q, nf4_flags = _weight(base, dy, M)
-        dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-        _launch_mm(dy, W, q, nf4_flags, B, A, None, dx, u, n=K, k=N, w_strides=(K, 1),
-                   d_strides=(B.stride(0), B.stride(1)),
-                   v_strides=(A.stride(0), A.stride(1)), scaling=s / (1.0 - p), z_scale=1.0, seed=seed, thr=thr,
-                   in_mask=False, out_mask=p > 0)
-    dA = _launch_reduce(x, u, scale=s / (1.0 - p), seed=seed, thr=thr, in_mask=p > 0).T.to(x.dtype)
-    dB = _launch_reduce(dy, t, scale=s, seed=seed, thr=thr, in_mask=False).to(x.dtype)
-    return dx, dA.contiguous(), dB
-
+from sftfuse.kernels.lora_launch import lora_bwd_triton, lora_fwd_triton, plan  # noqa: E402, F401 (plan: roofline's)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers: the op's one Triton-or-PyTorch decision, and forward / backward on 2-D tensors (no autograd)

@@ -11,12 +11,11 @@ Bytes: 4 + 8/64 + 32/16384 = 4.127 bits per weight, 0.258x of bf16 (0.266x with 
 6.5 G linear weights: 13 GB in bf16, 3.4 GB in NF4.
 
 Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is frozen, no dW).
-- Triton (sftfuse/kernels/nf4_triton.py): the K loop (N loop for the backward layout) loads packed bytes and uint8
-  scales, decodes nibbles, codes and nested scales in registers and feeds tl.dot with fp32 accumulation; no
-  dequantized weight is ever written to global memory. Rule: above FUSED_MAX_TOKENS tokens the matmul is compute-
-  bound (2*M*N*K flops against N*K/2 bytes of weight), so one dequantize pass (N*K*2.5 bytes, under 1% of the matmul
-  time there) plus the library GEMM beats a kernel that repeats the decode for every M tile; below it, reading 4-bit
-  weights is what makes the fused kernel win, since the GEMM is bound by weight bytes.
+- Triton (sftfuse/kernels/nf4_triton.py, launched from sftfuse/kernels/nf4_launch.py): either a GEMM whose K
+  loop (N loop for the backward layout) loads packed bytes and uint8 scales and decodes them in registers, no
+  dequantized weight in global memory, or one dequantize pass into a reused 16-bit buffer and the library GEMM.
+  `plan` (nf4_launch's bytes/FLOPs model) picks per call: fused while the GEMM is bound by weight bytes (few
+  tokens), dequantize + cuBLAS once it is compute-bound and decoding per M tile costs more than decoding once.
 - PyTorch (CPU): rows of W are decoded a tile at a time (<= TILE_ELEMS values) through a 256-entry
   byte -> (code[hi], code[lo]) table, one gather per two values, scaled in fp32 (bitsandbytes' rounding) and
   cast once to the GEMM dtype, then multiplied by the library GEMM. The GEMM dtype is x's, or fp32 where an
@@ -42,12 +41,12 @@ import torch.nn.functional as F
 from sftfuse.kernels._registry import (
     CheckContext,
     CheckResult,
-    interpreter_active,
     max_error,
     register_check,
     tolerance,
     use_triton,
 )
+from sftfuse.kernels.nf4_launch import dequantize_triton, matmul_triton, plan  # noqa: F401 (plan: the cost model's)
 
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -56,7 +55,6 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
 NESTED_BLOCKSIZE = 256
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 TILE_ELEMS = 1 << 20  # CPU path: at most this many 16-bit weight values exist at once (2 MiB in bf16)
-FUSED_MAX_TOKENS = 2048  # Triton path: fused kernel up to this many tokens, dequantize + library GEMM above
 _CHUNK = 1 << 20  # quantizer: values per pass, so temporaries stay a few MiB however large the weight
 
 
@@ -304,68 +302,6 @@ def nf4_matmul_ref(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = No
     dt = torch.float64 if upcast else x.dtype
     w = _dequantize_torch(q, torch.float32).to(dt)
     return F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Triton path: launchers of the kernels in sftfuse/kernels/nf4_triton.py, imported on first use (the PyTorch path
-# never imports Triton)
-
-
-def _q_args(q: NF4Weight):
-    """(the five weight pointers the kernels take, double_quant)."""
-    dq = q.double_quant
-    dummy = q.absmax  # any pointer for the unused nested arguments
-    return (q.packed, q.absmax, q.nested_absmax if dq else dummy, q.nested_code if dq else dummy, q.code), dq
-
-
-def matmul_triton(a: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, *, transposed: bool) -> torch.Tensor:
-    """transposed=False: y = a @ W^T + bias, a (M, K); transposed=True: dx = a @ W, a (M, N)."""
-    import triton
-
-    from sftfuse.kernels import nf4_triton as kt
-
-    a = a.contiguous()
-    m = a.shape[0]
-    n_out, k_in = q.shape
-    interp = interpreter_active()
-    # compute-bound (many tokens), or fp32 (no tensor-core dot to fuse into): dequantize + library GEMM
-    if m > FUSED_MAX_TOKENS or (a.dtype == torch.float32 and not interp):
-        w = dequantize_triton(q, a.dtype)
-        return a @ w if transposed else F.linear(a, w, bias)
-    ptrs, dq = _q_args(q)
-    fp32_dot = interp  # the interpreter's bf16 dot is wrong: upcast there
-    bm, bn, bk, warps = kt._config(m)
-    aligned = k_in % q.blocksize == 0 and q.blocksize % bk == 0
-    if not transposed:
-        y = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, bn))
-        kt._nf4_matmul_fwd_kernel[grid](a, *ptrs, bias if bias is not None else a, y, m, n_out, k_in, q.offset,
-                                        a.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOUBLE_QUANT=dq,
-                                        BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot, BLOCK_M=bm,
-                                        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
-        return y
-    dx = torch.empty(m, k_in, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(k_in, bk))
-    kt._nf4_matmul_bwd_kernel[grid](a, *ptrs, dx, m, n_out, k_in, q.offset, a.stride(0), dx.stride(0),
-                                    DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, ALIGNED=aligned, FP32_DOT=fp32_dot,
-                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
-    return dx
-
-
-def dequantize_triton(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight (out, in) in `dtype`, equal to the PyTorch path."""
-    import triton
-
-    from sftfuse.kernels import nf4_triton as kt
-
-    ptrs, dq = _q_args(q)
-    # the interpreter truncates fp32 -> bf16: write fp32 and let PyTorch round
-    kernel_dtype = torch.float32 if interpreter_active() else dtype
-    out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
-    kt._nf4_dequantize_kernel[(triton.cdiv(q.numel, kt._DEQ_BLOCK),)](
-        *ptrs, out, q.numel, q.offset, DOUBLE_QUANT=dq, BLOCKSIZE=q.blocksize, BLOCK=kt._DEQ_BLOCK,
-        enable_fp_fusion=False)  # mul then add, as torch
-    return out.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Triton kernels of the NF4 matmul (math, format, dispatch rule and launchers: sftfuse/kernels/nf4.py).
+"""Triton kernels of the NF4 matmul (math and format: sftfuse/kernels/nf4.py; plan and launchers: nf4_launch.py).
 
 - `_nf4_matmul_fwd_kernel`: y (M, N) = x (M, K) @ W^T; the K loop decodes a (BLOCK_K, BLOCK_N) tile of W^T.
 - `_nf4_matmul_bwd_kernel`: dx (M, K) = dy (M, N) @ W; the N loop decodes a (BLOCK_N, BLOCK_K) tile of W.
@@ -53,10 +53,11 @@ def _nf4_matmul_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    rows_x = offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M x K may pass 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+        x = tl.load(x_ptr + rows_x + kk[None, :],
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
         wmask = (kk[:, None] < K) & (offs_n[None, :] < N)
         flat = offs_n[None, :] * K + kk[:, None]  # (BLOCK_K, BLOCK_N) of W^T
@@ -73,7 +74,7 @@ def _nf4_matmul_fwd_kernel(
             acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -93,10 +94,11 @@ def _nf4_matmul_bwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
+    rows_dy = offs_m.to(tl.int64)[:, None] * stride_dym  # int64: M x N may pass 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         nn = n0 + offs_n
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + nn[None, :],
+        dy = tl.load(dy_ptr + rows_dy + nn[None, :],
                      mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
         wmask = (nn[:, None] < N) & (offs_k[None, :] < K)
         flat = nn[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) of W
@@ -111,7 +113,7 @@ def _nf4_matmul_bwd_kernel(
             acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(dy, w.to(dy.dtype))
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
@@ -121,7 +123,7 @@ def _nf4_dequantize_kernel(
     numel, offset,  # size and the nested offset
     DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: numel may near 2^31
     mask = offs < numel
     scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs[None, :] // BLOCKSIZE,
                     mask[None, :], DOUBLE_QUANT)
@@ -130,28 +132,32 @@ def _nf4_dequantize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Block sizes (the launchers, `matmul_triton` and `dequantize_triton`, are in sftfuse/kernels/nf4.py)
+# Block sizes (the launchers, `matmul_triton` and `dequantize_triton`, are in sftfuse/kernels/nf4_launch.py)
 
 
 def _config(m: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK over N, BLOCK over K, warps) for `m` tokens.
 
     K tiles of 64 or 32 divide every blocksize >= 64: with K % blocksize == 0 a tile row then lies in one block
-    (ALIGNED: one scale per row). The large tile decodes 32 x 128 weights per step: at 64 x 128 the decode
-    spilled 8-16 bytes on sm_80.
+    (ALIGNED: one scale per row; the launcher sends every other shape to the dequantize route). The small tile is
+    64 rows, the least a Hopper warpgroup MMA (wgmma) takes: rows past the few tokens cost tensor-core FLOPs, which
+    are free while the weight read bounds the kernel. The large tile decodes 32 x 128 weights per step: at 64 x 128
+    the decode spilled 8-16 bytes on sm_80.
     """
-    if m <= 16:
-        return 16, 64, 64, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
+    if m <= SMALL_M:
+        return 64, 64, 32, 4  # decode-like: many N tiles keep the SMs busy while the weight read dominates
     return 128, 128, 32, 8
 
 
+SMALL_M = 64
 _DEQ_BLOCK = 1024  # values per program of the dequantize kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 takes the dequantize
-# route): double quant or not, K block-aligned or not, both tiles; for the compile check. (The numerics check for
-# `sftfuse verify` needs the reference: it is registered in nf4.py.)
+# Registration: every configuration the launchers may pick for bf16 at blocksize 64 (fp32 and K not a multiple of
+# the blocksize take the dequantize route): double quant or not, both tiles, with the divisibility real shapes give
+# (every pointer 16-byte aligned, N, K and the row strides multiples of 16); for the compile check. (The numerics
+# check for `sftfuse verify` needs the reference: it is registered in nf4.py.)
 
 _Q = {"packed_ptr": "*u8", "code_ptr": "*fp32"}
 
@@ -161,35 +167,35 @@ def _qsig(dq: bool) -> dict[str, str]:
             "nested_code_ptr": "*fp32" if dq else "*u8"}
 
 
+def _ptrs(sig: dict[str, str]) -> tuple[str, ...]:
+    return tuple(k for k, v in sig.items() if v.startswith("*"))
+
+
 def _specs() -> list[KernelSpec]:
     specs = []
-    for dq, aligned, m in itertools.product((True, False), (True, False), (16, 128)):
+    for dq, m in itertools.product((True, False), (SMALL_M, 128 + SMALL_M)):
         bm, bn, bk, warps = _config(m)
-        meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": aligned, "FP32_DOT": False, "BLOCK_M": bm}
-        # ALIGNED implies K % 64 == 0, so K and the row strides (= K) are multiples of 16; otherwise K may be odd
-        sizes = ("K",) if aligned else ()
+        meta = {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "ALIGNED": True, "FP32_DOT": False, "BLOCK_M": bm}
         fwd_sig = {"x_ptr": "*bf16", **_qsig(dq), "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                    "K": "i32", "offset": "fp32", "stride_xm": "i32", "stride_ym": "i32"}
         fwd_sig.update({k: "constexpr" for k in ("HAS_BIAS", "DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT",
                                                  "BLOCK_M", "BLOCK_N", "BLOCK_K")})
         specs.append(KernelSpec("nf4_matmul_fwd", _nf4_matmul_fwd_kernel, fwd_sig,
                                 {**meta, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                divisible=("x_ptr", "y_ptr", "packed_ptr", *sizes, *(("stride_xm",) if aligned else ()),
-                                           "stride_ym")))
+                                divisible=(*_ptrs(fwd_sig), "N", "K", "stride_xm", "stride_ym")))
         bwd_sig = {"dy_ptr": "*bf16", **_qsig(dq), "dx_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                    "offset": "fp32", "stride_dym": "i32", "stride_dxm": "i32"}
         bwd_sig.update({k: "constexpr" for k in ("DOUBLE_QUANT", "BLOCKSIZE", "ALIGNED", "FP32_DOT", "BLOCK_M",
                                                  "BLOCK_N", "BLOCK_K")})
         specs.append(KernelSpec("nf4_matmul_bwd", _nf4_matmul_bwd_kernel, bwd_sig,
                                 {**meta, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                divisible=("dy_ptr", "dx_ptr", "packed_ptr", *sizes, "stride_dym",
-                                           *(("stride_dxm",) if aligned else ()))))
+                                divisible=(*_ptrs(bwd_sig), "N", "K", "stride_dym", "stride_dxm")))
     for dq in (True, False):
-        specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel,
-                                {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32",
-                                 "DOUBLE_QUANT": "constexpr", "BLOCKSIZE": "constexpr", "BLOCK": "constexpr"},
+        sig = {**_qsig(dq), "out_ptr": "*bf16", "numel": "i32", "offset": "fp32", "DOUBLE_QUANT": "constexpr",
+               "BLOCKSIZE": "constexpr", "BLOCK": "constexpr"}
+        specs.append(KernelSpec("nf4_dequantize", _nf4_dequantize_kernel, sig,
                                 {"DOUBLE_QUANT": dq, "BLOCKSIZE": 64, "BLOCK": _DEQ_BLOCK},
-                                divisible=("packed_ptr", "out_ptr")))
+                                divisible=(*_ptrs(sig), "numel")))
     return specs
 
 

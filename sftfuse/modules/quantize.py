@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sftfuse.kernels.nf4 import NF4Weight
+from sftfuse.kernels.nf4_launch import check_weight
 from sftfuse.modules.linear import NF4Linear, nf4_from_state_dict
 
 _QS = ".weight.quant_state.bitsandbytes__nf4"
@@ -117,9 +118,20 @@ def nf4_weight_from_bnb(weight) -> NF4Weight:
     packed = weight.data.reshape(-1)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # a quant_storage other than uint8 holds the same bytes
-    return NF4Weight(packed, qs.absmax, qs.state2.absmax if nested else None, qs.state2.code if nested else None,
-                     float(qs.offset) if nested else 0.0, qs.code, int(qs.blocksize), tuple(int(s) for s in qs.shape),
-                     qs.dtype)
+    q = NF4Weight(packed, qs.absmax, qs.state2.absmax if nested else None, qs.state2.code if nested else None,
+                  _offset(qs) if nested else 0.0, qs.code, int(qs.blocksize), tuple(int(s) for s in qs.shape), qs.dtype)
+    check_weight(q)  # the sizes the kernels rely on: quantize_nf4 checks its own, a bitsandbytes state is checked here
+    return q
+
+
+def _offset(qs) -> float:
+    """The nested offset as a Python float, read once per quant state: bitsandbytes keeps it as a (CUDA) tensor,
+    and reading it on every forward was a host sync per 4-bit layer. Re-read if the state gets a new offset."""
+    cached = getattr(qs, "_sftfuse_offset", None)
+    if cached is None or cached[0] is not qs.offset:
+        cached = (qs.offset, float(qs.offset))
+        qs._sftfuse_offset = cached
+    return cached[1]
 
 
 

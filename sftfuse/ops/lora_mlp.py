@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from sftfuse.kernels.gated_mlp import ACTS, act_bwd, act_fwd
+from sftfuse.kernels.gated_mlp import ACTS, gated_bwd, gated_fwd
 from sftfuse.kernels.lora import adapter_dtype, lora_linear_bwd, lora_linear_fwd, new_seed
 from sftfuse.ops._common import without_autocast
 
@@ -71,7 +71,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         ab = [w.to(cd) for w in adapters]
         g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
         u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
-        h = act_fwd(g, opts.act).mul_(u)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)
+        h = gated_fwd(g, u, opts.act)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)
         y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
         kept = (None, None) if opts.recompute else (g, u)
         ctx.save_for_backward(*_MLPSaved(x2, tg, tu, td, *kept, *adapters))  # the adapters, not their casts
@@ -91,15 +91,12 @@ class _LoRAMLPFunction(torch.autograd.Function):
             u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
         # the elementwise part in x's dtype, as autograd would run the unfused block (no fp32 copies: at 1536
         # wide they were 5 x 6 MB of transients per layer)
-        a = act_fwd(g, opts.act)
-        h = a * u
+        h, a = gated_fwd(g, u, opts.act, keep_act=True)  # a = act(g) on the PyTorch path, None on the Triton path
         dh, dA_d, dB_d = lora_linear_bwd(dy2, h, saved.t_down, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed,
                                          p=pd.p)
         del h
-        du = dh * a
-        del a
-        dg = act_bwd(dh.mul_(u), g, opts.act)
-        del g, u, dh
+        dg, du = gated_bwd(dh, g, u, opts.act, a)
+        del a, g, u, dh
         need_dx = ctx.needs_input_grad[0]
         dxg, dA_g, dB_g = lora_linear_bwd(dg, x2, saved.t_gate, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed,
                                           p=pg.p, need_dx=need_dx)

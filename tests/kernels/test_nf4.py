@@ -216,9 +216,9 @@ def test_cpu_tiles_bound_the_16bit_buffer(monkeypatch, gemm):
 def test_large_token_route(backend, monkeypatch):
     """Above FUSED_MAX_TOKENS the Triton launcher dequantizes and calls the library GEMM: same results."""
     if backend == "triton":
-        from sftfuse.kernels import nf4
+        from sftfuse.kernels import nf4_launch
 
-        monkeypatch.setattr(nf4, "FUSED_MAX_TOKENS", 8)
+        monkeypatch.setattr(nf4_launch, "FUSED_MAX_TOKENS", 8)
     q = quantize_nf4(randn(33, 129))
     x, dy = randn(20, 129), randn(20, 33)
     assert_close(nf4_matmul_fwd(x, q), nf4_matmul_ref(x, q))
