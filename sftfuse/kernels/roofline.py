@@ -16,7 +16,9 @@ Interface a kernels module offers (all keyword arguments optional beyond the sha
     lora.plan(M, N, K, r, device_props, *, p, nf4, dtype, need_dx) -> {"launches": [launch, ...]}
     nf4.plan(M, N, K, device_props, *, dtype, transposed) -> {"path": name, name: {"launches": [...]}, ...}
     rms_norm.plan(M, H, *, dtype, need_dw) -> {"launches": [...]};  gated_mlp.plan(M, F, *, dtype) -> same
-    launch = {"name", "flops", "bytes"[, "atomics", "time_s"]}  (time_s, when given, is the module's own model)
+    launch = {"name", "flops", "bytes"[, "atomics", "alu_ops"]}: tensor FLOPs, HBM bytes, accumulation updates and
+    non-tensor instructions (an in-loop decode, say). The time is this model's, from those numbers, so that every
+    design in a row group is timed alike (a module's own "time_s" is not used).
 
 Peers, each from its published design (read, not run):
 - Liger FLCE: rows in chunks of next_pow2(n / ceil(V / H)); per chunk a cuBLAS logits GEMM (16-bit logits), its
@@ -42,9 +44,11 @@ import torch
 PEAK = 989e12  # H100 SXM dense bf16/fp16 tensor FLOP/s
 PEAK_TF32 = 494.5e12
 HBM_BW = 3.35e12  # bytes/s
+SMS_H100 = 132
 L2_BW = 5.5e12  # bytes/s: an H100's measured L2 bandwidth (Chips and Cheese, H100 PCIe); an assumption for SXM
+ALU_RATE = SMS_H100 * 128 * 1.755e9  # non-tensor instructions/s: 132 SMs x 128 lanes x boost clock
 LAUNCH_S = 4e-6
-SMS = 132
+SMS = SMS_H100
 CCE_FILTER_SKIP = 0.9  # assumed share of CCE's backward tiles its gradient filter skips (data-dependent)
 
 MODELS = {  # hidden, intermediate, vocab
@@ -59,10 +63,13 @@ def cdiv(a, b) -> int:
     return -(-a // b)
 
 
-def launch(name, flops=0.0, hbm=0.0, atomics=0, atomic_bytes=0, *, fp32_dot=False, time_s=None, **extra) -> dict:
-    """One launch's cost: the slowest of tensor work, HBM traffic and L2 accumulation traffic, plus a fixed cost."""
+def launch(name, flops=0.0, hbm=0.0, atomics=0, atomic_bytes=0, *, alu_ops=0, fp32_dot=False, time_s=None,
+           **extra) -> dict:
+    """One launch's cost: the slowest of tensor work, HBM traffic and L2 accumulation traffic, plus its non-tensor
+    instructions and a fixed cost (time_s: given outright, for a launch modelled as several steps)."""
     peak = PEAK_TF32 / 3 if fp32_dot else PEAK
-    t = time_s if time_s is not None else max(flops / peak, hbm / HBM_BW, atomic_bytes / L2_BW) + LAUNCH_S
+    t = time_s if time_s is not None else (max(flops / peak, hbm / HBM_BW, atomic_bytes / L2_BW) + alu_ops / ALU_RATE
+                                           + LAUNCH_S)
     return {"name": name, "flops": flops, "bytes": hbm, "atomics": atomics, "time_s": t, **extra}
 
 
@@ -162,7 +169,7 @@ def _module_plan(module: str, *args, **kwargs):
 
 
 def _as_launches(plan: dict) -> list[dict]:
-    return [launch(x["name"], x.get("flops", 0), x.get("bytes", 0), x.get("atomics", 0), time_s=x.get("time_s"))
+    return [launch(x["name"], x.get("flops", 0), x.get("bytes", 0), x.get("atomics", 0), alu_ops=x.get("alu_ops", 0))
             for x in plan["launches"]]
 
 
