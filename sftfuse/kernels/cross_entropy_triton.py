@@ -61,7 +61,9 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_n, n_rows, V, H, stride_hm, s
     return acc
 
 
-@triton.jit
+# Row and slice counts change from call to call (a last partial chunk, the slices a row count needs): left
+# unspecialized, so one compiled variant serves them all and the compile check builds that one.
+@triton.jit(do_not_specialize=["n_rows", "tiles_per_split", "splits"])
 def _lce_stats_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, y_ptr, z_ptr, stat_ptr,
@@ -105,7 +107,7 @@ def _lce_stats_kernel(
     tl.store(out + 3 * plane, z_sum, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _lce_grad_kernel(
     # pointers: z (n_rows, V) fp32 logits; g the gradient, may alias z (same row starts, stride_gm in its dtype)
     z_ptr, g_ptr, y_ptr, lse_ptr, rw_ptr,
@@ -135,7 +137,7 @@ def _lce_grad_kernel(
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _lce_dw_kernel(
     # pointers: g (n_rows, V) the chunk's logit gradient, h (n_rows, H) its rows, dw (V, H) fp32
     g_ptr, h_ptr, dw_ptr,
@@ -260,8 +262,8 @@ def lce_plan(n: int, V: int, H: int, dtype: torch.dtype, *, grads: bool, need_dw
 # Compile check: exactly the variants the launchers run on a GPU. Triton's JIT specializes every integer and
 # pointer argument on divisibility by 16; at real heads (H, V, strides multiples of 16, fresh allocations, chunk
 # offsets that are multiples of the chunk) these are the ones that run, so they are declared so here
-# (tests/kernels/test_roofline.py compares them with a launch's arguments). The row counts (a last partial chunk)
-# and the slice counts are left undeclared.
+# (tests/kernels/test_roofline.py compares them with a launch's arguments). The row and slice counts are not
+# specialized (`do_not_specialize`), so they are declared nothing.
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _META_STATS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "UPCAST", "FP32")

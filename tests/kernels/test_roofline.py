@@ -66,10 +66,17 @@ def _divisible(named):
     return out
 
 
+def _params_not_specialized(fn):
+    """Names of a kernel's arguments Triton does not specialize (JIT function, or the interpreter's wrapper)."""
+    if hasattr(fn, "params"):
+        return [p.name for p in fn.params if p.do_not_specialize]
+    return list(fn.kwargs.get("do_not_specialize") or [])
+
+
 def test_compile_check_builds_the_variants_a_real_head_launches(monkeypatch):
     """At the SmolLM2 head (H 576, V 49152, 2 chunks of 1024 rows + 37), the launches' arguments that are multiples
-    of 16 are exactly those the compile-check specs declare, except the row and slice counts (a last partial chunk
-    differs, so they are declared for neither)."""
+    of 16 are exactly those the compile-check specs declare, except the row and slice counts, which the kernels
+    leave unspecialized (one variant for every chunk)."""
     specs = [s for s in kt._specs() if s.name.endswith("bf16")]  # before the kernels are swapped for recorders
     log = _record(monkeypatch, run=False)
     n, V, H = 2 * 1024 + 37, 49152, 576
@@ -82,6 +89,7 @@ def test_compile_check_builds_the_variants_a_real_head_launches(monkeypatch):
     for name, _, meta, named in log:
         spec = next(s for s in specs if s.fn is getattr(kt, name).real)
         assert _divisible(named) - varying == set(spec.divisible), name
+        assert varying & set(named) <= set(_params_not_specialized(spec.fn)), name
         consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
         assert any(s.fn is spec.fn and s.constexprs == consts and s.num_warps == meta["num_warps"]
                    for s in specs), (name, consts)
