@@ -175,6 +175,6 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         loss = loss.reshape(labels.shape)
     if not return_stats:
         return loss
-    count = torch.tensor(n, device=hidden.device)
+    count = torch.full((), n, dtype=torch.int64, device=hidden.device)  # a fill, not a host-to-device copy
     stats = CrossEntropyStats(count, sums[1] / max(n, 1), sums[0] / max(n, 1))
     return loss, stats
