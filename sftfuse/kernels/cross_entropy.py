@@ -28,12 +28,16 @@ kernels; `cross_entropy_launch.py`: their launchers and the op's one Triton-or-P
   flash attention accumulates its output, and finished with each row's lse, so the logits are formed once
   (4 n H V FLOPs; the SmolLM2 head at 512 counted rows: 364 ms -> 246 ms on 2 cores). GEMMs run in the weight's
   dtype, or in fp32 where that is faster on this CPU (`sftfuse.kernels._cpu`).
-- Triton (CUDA): the forward kernel fuses the matmul with an online log-sum-exp over vocabulary tiles; logit
-  tiles live in registers only (loss memory is O(tokens)). The backward kernel recomputes each (rows x vocab) tile
-  once and emits both gradients from it with fp32 atomic adds (dh over vocab tiles, dW over row tiles): one
-  recompute of the logits (8 n V H FLOPs in total, vs. H / BLOCK_K recomputes for a kernel that owns its output
-  tiles), at the price of run-to-run bit differences in the last ulp. Gradient filtering (skip a tile whose
-  gradient entries are all below `filter_eps`) is off by default: it is exact only without label smoothing.
+- Triton (CUDA): the same algorithm at GPU scale (`cross_entropy_triton.py`, plan in `lce_plan`). Counted rows in
+  chunks of 1024 (trained head) or 512 (frozen head), each chunk's fp32 logits (at most 1 GiB: 525 MB at 1024 rows x
+  128,256) the only buffer of size tokens x V. Per chunk: the stats kernel forms the logits tile by tile over
+  (row block x vocabulary slice) programs, enough for every SM, row blocks fastest so a slice's weight tiles are
+  read once into L2, keeps the logits and each slice's online log-sum-exp; a merge of the slices (on the device);
+  the gradient kernel turns the logits into dloss/dz in place (16-bit over the first half of each fp32 row); then
+  dh = g W on cuBLAS and dW [+]= g^T h on a Triton GEMM that owns its output tiles. No atomics, each logit formed
+  once (4 n H V FLOPs frozen, 6 trained, as Liger's chunked design, against 6 and 8 for recompute-in-the-backward
+  designs such as CCE's), and no host sync. Cost: python -m sftfuse.kernels.roofline. Not done: CCE's gradient
+  filtering (skipping tiles whose gradient is below bf16 resolution), which needs recomputing designs.
 Offsets are int64 in the kernels (tokens x V and V x H exceed 2^31 for real heads). The largest H is not limited
 (H is looped over in BLOCK_K steps).
 """

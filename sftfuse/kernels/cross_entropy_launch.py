@@ -1,14 +1,17 @@
 """Launchers of linear + cross-entropy and the op's one Triton-or-PyTorch decision (the math, the reference and the
-PyTorch path: `cross_entropy.py`; the Triton kernels: `cross_entropy_triton.py`).
+PyTorch path: `cross_entropy.py`; the Triton kernels and their launch plan: `cross_entropy_triton.py`).
 
 `linear_cross_entropy_forward` decides once per call; `linear_cross_entropy_backward` replays that decision from the
-`LCEState` it returned:
-- Triton (CUDA tensors, or SFTFUSE_BACKEND=triton): the counted rows are gathered and the forward kernel launched;
-  the backward kernel recomputes the logit tiles from the saved rows and log-sum-exp.
-- PyTorch, a gradient wanted, reduction "mean" or "sum": the gradients are formed in the forward (rows gathered a
-  chunk at a time, dh written into the (N, H) gradient) and the backward only scales them by grad_output.
-- PyTorch otherwise (no gradient wanted, or reduction "none", whose per-token grad_output weights each row): the
-  forward only, on the gathered rows; the backward recomputes the gradients with those row weights.
+`LCEState` it returned. Both paths run one algorithm: counted rows only, a chunk of rows at a time.
+- A gradient wanted, reduction "mean" or "sum": the gradients are formed in the forward (grad_output is one scalar,
+  applied in the backward), so every logit is formed once: 4 n H V FLOPs for a frozen head, 6 for a trained one.
+  PyTorch: rows gathered a chunk at a time, dh written into the (N, H) gradient. Triton (CUDA tensors, or
+  SFTFUSE_BACKEND=triton): the counted rows gathered once, then per chunk the stats kernel (fp32 logits kept),
+  the gradient kernel (in place), dh = g W on cuBLAS and dW on `_lce_dw_kernel`.
+- Otherwise (no gradient wanted, or reduction "none", whose per-token grad_output weights each row): the forward
+  only (Triton: the stats kernel over all rows, no logits kept); the backward recomputes the gradients with those
+  row weights on the same path.
+No host sync on the Triton path beyond the caller's one `nonzero`: no `.item()`, no data-dependent branch.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class LCESaved(NamedTuple):
 class LCEState:
     """The forward's decision, for the backward to replay.
 
-    triton: the Triton path ran. formed: the PyTorch path formed the gradients in the forward; `grads` holds them
+    triton: the Triton path ran. formed: the gradients were formed in the forward; `grads` holds them
     ([dh (N, H), dW (V, H), db (V,)] fp32, None where not wanted) until the one backward takes them. needs: (dh, dW,
     db) wanted. rows, hidden_dtype: hidden's row count N and dtype (dh's). options: the loss options.
     """
@@ -76,21 +79,33 @@ def linear_cross_entropy_forward(hidden, weight, bias, y, idx, row_weight, *, op
         the backward recomputes from (an LCESaved, None when the gradients were formed here), and the LCEState.
     """
     triton = use_triton(hidden, weight)
-    formed = not triton and reduction != "none" and any(needs)
+    formed = reduction != "none" and any(needs)
     state = LCEState(triton, formed, tuple(needs), hidden.shape[0], hidden.dtype, options)
     kw = options._asdict()
-    if formed:  # rows gathered a chunk at a time, dh written straight into an (N, H) gradient
-        need_dh, need_dw, need_db = needs
+    need_dh, need_dw, need_db = needs
+    if formed and not triton:  # rows gathered a chunk at a time, dh written straight into an (N, H) gradient
         loss, lse, hit, dh, dw, db = linear_cross_entropy_torch(
             hidden, weight, bias, y, row_weight, rows_idx=idx, need_dh=need_dh, need_dw=need_dw, need_db=need_db, **kw)
         state.grads = [dh, dw, db]  # fp32, owned: the backward scales them in place and hands them over
         return loss, lse, hit, None, state
     h = hidden if idx is None else hidden.index_select(0, idx)  # counted rows only
+    if formed:
+        loss, lse, hit, dh, dw, db = lce_grads_triton(h, weight, bias, y, row_weight, need_dh=need_dh,
+                                                      need_dw=need_dw, need_db=need_db, **kw)
+        state.grads = [_to_rows(dh, idx, state.rows), dw, db]
+        return loss, lse, hit, None, state
     if triton:
         loss, lse, hit = lce_fwd_triton(h, weight, bias, y, **kw)
     else:
         loss, lse, hit, *_ = linear_cross_entropy_torch(h, weight, bias, y, None, **kw)
     return loss, lse, hit, LCESaved(h, weight, bias, y, lse, row_weight, idx), state
+
+
+def _to_rows(dh, idx, rows):
+    """The counted rows' gradient (n, H) into hidden's (N, H) (None stays None)."""
+    if dh is None or idx is None:
+        return dh
+    return dh.new_zeros(rows, dh.shape[1]).index_copy_(0, idx, dh)
 
 
 def linear_cross_entropy_backward(state: LCEState, saved: LCESaved | None, grad_out: torch.Tensor) -> list:
@@ -100,7 +115,7 @@ def linear_cross_entropy_backward(state: LCEState, saved: LCESaved | None, grad_
         if state.grads is None:
             raise RuntimeError("linear_cross_entropy: backward ran twice; its gradients were handed over")
         grads, state.grads = state.grads, None
-        if not (grad_out == 1).all():
+        if state.triton or not (grad_out == 1).all():  # no data-dependent branch (a host sync) on the Triton path
             g = grad_out.float()
             grads = [t.mul_(g) if t is not None else None for t in grads]
     else:
@@ -116,20 +131,17 @@ def _recompute_grads(state: LCEState, saved: LCESaved, grad_out: torch.Tensor) -
     kw = state.options._asdict()
     row_weight = saved.row_weight * grad_out.float()  # per-row upstream gradient for "none", a scalar otherwise
     if state.triton:
-        grads = lce_bwd_triton(saved.h, saved.weight, saved.bias, saved.y, saved.lse, row_weight, need_dw=need_dw,
-                               need_db=need_db, **kw)
+        grads = lce_grads_triton(saved.h, saved.weight, saved.bias, saved.y, row_weight, need_dh=need_dh,
+                                 need_dw=need_dw, need_db=need_db, **kw)[3:]
     else:
         grads = linear_cross_entropy_torch(saved.h, saved.weight, saved.bias, saved.y, row_weight, need_dh=need_dh,
                                            need_dw=need_dw, need_db=need_db, **kw)[3:]
-    grads = list(grads)
-    if grads[0] is not None and saved.idx is not None:  # counted rows' gradient into the (N, H) one
-        grads[0] = grads[0].new_zeros(state.rows, grads[0].shape[1]).index_copy_(0, saved.idx, grads[0])
-    return grads
+    return [_to_rows(grads[0], saved.idx, state.rows), *grads[1:]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton path: launchers of the kernels in cross_entropy_triton.py, imported on first use (the PyTorch path never
-# imports Triton)
+# imports Triton). Launch decisions come from `lce_plan` alone.
 
 
 def _empty(*shape, **kw) -> torch.Tensor:
@@ -147,50 +159,101 @@ def _check_inputs(h, weight, bias, y):
         raise ValueError(f"bias must be contiguous of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _sms(device: torch.device) -> int:
+    from sftfuse.kernels import cross_entropy_triton as kt
+
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else kt.SMS
+
+
+def _stats_launch(kt, plan, h, weight, bias, y, zbuf, *, softcap, logit_scale):
+    """The stats kernel over rows h (c, H) (and their fp32 logits into zbuf when given): (4, splits, c) fp32."""
+    c = h.shape[0]
+    stats = torch.empty(4, plan.splits, c, dtype=torch.float32, device=h.device)
+    cfg = plan.stats
+    grid = (-(-c // cfg["BLOCK_M"]) * plan.splits,)
+    kt._lce_stats_kernel[grid](
+        h, weight, h if bias is None else bias, y, stats if zbuf is None else zbuf, stats, c, plan.V, plan.H,
+        h.stride(0), weight.stride(0), 0 if zbuf is None else zbuf.stride(0), plan.tiles_per_split, plan.splits,
+        bias is not None, float(softcap or 0.0), float(logit_scale), STORE_Z=zbuf is not None, **cfg)
+    return stats
+
+
+def _merge(stats, y, V, *, label_smoothing, z_loss):
+    """Per-slice statistics (4, splits, c) -> loss, lse (c,) fp32 and hit (c,) bool, on the device (no sync).
+    A label outside [0, V) (not checked on this path: that check would be a host sync) gives a NaN loss."""
+    m, s, zy, zsum = stats
+    mx = m.amax(0)
+    lse = (s * (m - mx).exp_()).sum(0).log_().add_(mx)
+    zy, zsum = zy.sum(0), zsum.sum(0)
+    eps = label_smoothing
+    loss = (lse - zy) * (1.0 - eps) + z_loss * lse.square()
+    if eps:
+        loss += eps * (lse - zsum / V)
+    loss = loss.masked_fill_((y < 0) | (y >= V), float("nan"))
+    return loss, lse, zy >= mx
+
+
 def lce_fwd_triton(h, weight, bias, y, *, label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0):
-    """Triton forward on counted rows: h (n, H), weight (V, H), y (n,) -> loss (n,), lse (n,) fp32, hit (n,) bool."""
-    import triton
-
+    """Triton forward on counted rows, loss only: h (n, H), weight (V, H), y (n,) -> loss (n,), lse (n,) fp32,
+    hit (n,) bool. One launch over (row blocks x vocabulary slices), then the slices' log-sum-exp merge."""
     from sftfuse.kernels import cross_entropy_triton as kt
 
     _check_inputs(h, weight, bias, y)
     (n, H), V = h.shape, weight.shape[0]
-    loss, lse = _empty(n, dtype=torch.float32, device=h.device), _empty(n, dtype=torch.float32, device=h.device)
-    hit = _empty(n, dtype=torch.int8, device=h.device)
-    if n:
-        cfg = kt._triton_config(h.dtype, "fwd")
-        kt._lce_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-            h, weight, h if bias is None else bias, y, loss, lse, hit, n, V, H, h.stride(0), weight.stride(0),
-            bias is not None, float(label_smoothing), float(z_loss), float(softcap or 0.0), float(logit_scale),
-            **cfg)
-    return loss, lse, hit.bool()
+    if n == 0:
+        return (_empty(0, dtype=torch.float32, device=h.device), _empty(0, dtype=torch.float32, device=h.device),
+                _empty(0, dtype=torch.bool, device=h.device))
+    plan = kt.lce_plan(n, V, H, h.dtype, grads=False, sms=_sms(h.device))
+    stats = _stats_launch(kt, plan, h, weight, bias, y, None, softcap=softcap, logit_scale=logit_scale)
+    return _merge(stats, y, V, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def lce_bwd_triton(h, weight, bias, y, lse, row_weight, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                   logit_scale=1.0, need_dw=True, need_db=True, filter_eps=0.0):
-    """Triton backward: recomputes logit tiles; row_weight (n,) fp32 = dloss/dloss_i. Returns fp32 dh, dW, db.
+def lce_grads_triton(h, weight, bias, y, row_weight, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                     logit_scale=1.0, need_dh=True, need_dw=True, need_db=True):
+    """Triton loss and gradients on counted rows, a chunk of rows at a time (`lce_plan`): the stats kernel keeps the
+    chunk's fp32 logits, the gradient kernel turns them into dloss/dz in place, then dh = g W (cuBLAS) and
+    dW [+]= g^T h (`_lce_dw_kernel`), db += column sums of g. row_weight (n,) fp32 = dloss/dloss_i.
 
-    filter_eps > 0 skips the matmuls of tiles whose logit gradients are all below it (exact only when those
-    entries are negligible: never with label smoothing, whose -eps/V term is in every entry).
+    Returns loss, lse (n,) fp32, hit (n,) bool, dh (n, H) in h's dtype (fp32 in the interpreter), dW (V, H) fp32,
+    db (V,) fp32 (None where not asked for).
     """
-    import triton
-
     from sftfuse.kernels import cross_entropy_triton as kt
 
     _check_inputs(h, weight, bias, y)
     (n, H), V = h.shape, weight.shape[0]
-    dh = torch.zeros(n, H, dtype=torch.float32, device=h.device)
-    dw = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_dw else None
-    db = torch.zeros(V, dtype=torch.float32, device=h.device) if need_db and bias is not None else None
-    if n:
-        cfg = kt._triton_config(h.dtype, "bwd")
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(V, cfg["BLOCK_N"]))
-        kt._lce_bwd_kernel[grid](
-            h, weight, h if bias is None else bias, y, lse, row_weight.float().contiguous(), dh,
-            dh if dw is None else dw, dh if db is None else db, n, V, H, h.stride(0), weight.stride(0),
-            bias is not None, float(label_smoothing), float(z_loss), float(softcap or 0.0), float(logit_scale),
-            float(filter_eps), COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, **cfg)
-    return dh, dw, db
+    dev, f32 = h.device, torch.float32
+    plan = kt.lce_plan(n, V, H, h.dtype, grads=True, need_dw=need_dw, sms=_sms(dev))
+    upcast = plan.stats["UPCAST"]  # the interpreter: gradient and GEMMs in fp32 (its bf16 arithmetic is wrong)
+    gdtype = f32 if upcast else h.dtype
+    loss, lse = _empty(n, dtype=f32, device=dev), _empty(n, dtype=f32, device=dev)
+    hit = _empty(n, dtype=torch.bool, device=dev)
+    dh = _empty(n, H, dtype=gdtype, device=dev) if need_dh else None
+    dw = (_empty(V, H, dtype=f32, device=dev) if n else torch.zeros(V, H, dtype=f32, device=dev)) if need_dw else None
+    db = torch.zeros(V, dtype=f32, device=dev) if need_db and bias is not None else None
+    if n == 0:
+        return loss, lse, hit, dh, dw, db
+    ldz = -(-V // 16) * 16  # 16-aligned rows: vector loads, and a 16-bit view of them for cuBLAS
+    zbuf = torch.empty(plan.rows, ldz, dtype=f32, device=dev)
+    gbuf = zbuf if gdtype == f32 else zbuf.view(gdtype)  # the gradient over each fp32 row's first half
+    w_mm = weight.float() if upcast and weight.dtype != f32 else weight
+    row_weight = row_weight.float().contiguous()
+    for i, s in enumerate(range(0, n, plan.rows)):
+        e = min(s + plan.rows, n)
+        hc, yc = h[s:e], y[s:e]
+        stats = _stats_launch(kt, plan, hc, weight, bias, yc, zbuf, softcap=softcap, logit_scale=logit_scale)
+        loss[s:e], lse[s:e], hit[s:e] = _merge(stats, yc, V, label_smoothing=label_smoothing, z_loss=z_loss)
+        g = gbuf[: e - s, :V]
+        kt._lce_grad_kernel[(e - s,)](zbuf, g, yc, lse[s:e], row_weight[s:e], e - s, V, zbuf.stride(0), g.stride(0),
+                                      float(label_smoothing), float(z_loss), float(softcap or 0.0),
+                                      float(logit_scale), **plan.grad)
+        if dh is not None:
+            torch.mm(g, w_mm, out=dh[s:e])
+        if dw is not None:
+            kt._lce_dw_kernel[plan.dw_grid](g, hc, dw, e - s, V, H, g.stride(0), hc.stride(0), FIRST=i == 0,
+                                            **plan.dw)
+        if db is not None:
+            db += g.sum(0, dtype=f32)
+    return loss, lse, hit, dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,8 +268,8 @@ def _verify(ctx: CheckContext) -> None:
             w = (torch.randn(V, H, device=ctx.device) / H**0.5).to(dtype)
             y = torch.randint(0, V, (n,), device=ctx.device)
             rw = torch.full((n,), 1.0 / n, device=ctx.device)
-            loss, lse, _ = lce_fwd_triton(h, w, None, y)
-            dh, dw, _ = lce_bwd_triton(h, w, None, y, lse, rw)
+            loss, _, _ = lce_fwd_triton(h, w, None, y)
+            dh, dw = lce_grads_triton(h, w, None, y, rw)[3:5]
             hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
             ref = F.cross_entropy(hr @ wr.t(), y, reduction="none")
             ref_dh, ref_dw = torch.autograd.grad(ref.mean(), [hr, wr])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sftfuse.kernels import cross_entropy_launch as lce
+from sftfuse.kernels._registry import use_triton
 from sftfuse.kernels.cross_entropy_launch import LossOptions
 from sftfuse.ops._common import without_autocast
 
@@ -15,12 +16,12 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 @dataclass(frozen=True)
 class _CEOptions:
-    """The Function's non-tensor arguments, one named bundle: the reduction, its denominator override and the loss
-    options the kernels take."""
+    """The Function's non-tensor arguments, one named bundle: the reduction, its denominator override (a number, or
+    a 0-dim tensor left on its device: no host sync) and the loss options the kernels take."""
 
     reduction: str
     loss: LossOptions
-    num_items: float | None
+    num_items: float | torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, y, idx, opts: _CEOptions):
         """hidden: (N, H) all rows; idx: (n,) the counted rows (None: all); y: (n,) their labels."""
         n = y.shape[0]
-        if opts.reduction == "mean":
+        if opts.reduction == "mean" and isinstance(opts.num_items, torch.Tensor):  # 1 / count on the device
+            row_weight = opts.num_items.to(y.device, torch.float64).reciprocal().float().expand(n).contiguous()
+        elif opts.reduction == "mean":
             row_weight = torch.full((n,), 1.0 / (opts.num_items if opts.num_items is not None else max(n, 1)),
                                     dtype=torch.float32, device=y.device)
         else:
@@ -82,6 +85,19 @@ def _as_float(value, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {value!r}") from None
 
 
+def _num_items(num_items_in_batch, reduction: str, triton: bool):
+    """The mean's denominator override: None, a float, or (Triton path) a 0-dim tensor left on its device."""
+    if num_items_in_batch is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch replaces the mean's denominator; reduction is {reduction!r}")
+    if triton and isinstance(num_items_in_batch, torch.Tensor):  # kept on the device: no host sync
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+        return num_items_in_batch.reshape(())
+    return _as_float(num_items_in_batch, "num_items_in_batch")
+
+
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
                          shift_labels=False, return_stats=False):
@@ -102,12 +118,14 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         softcap: cap > 0 for cap * tanh(logits / cap), applied after logit_scale (default None: off).
         logit_scale: multiplies the logits first (default 1).
         num_items_in_batch: with reduction="mean", the denominator instead of this call's counted tokens, so
-            that summing losses over gradient-accumulation micro-batches is exact (default None).
+            that summing losses over gradient-accumulation micro-batches is exact (default None). A number or a
+            one-element tensor; on the Triton path a tensor stays on its device (no host sync).
         shift_labels: predict labels[..., t + 1] from hidden[..., t] (causal shift done here; default False).
         return_stats: also return a `CrossEntropyStats` (n_tokens, accuracy, mean_z).
     Returns:
         loss: 0-dim fp32, or (...) fp32 with reduction="none"; and stats when return_stats=True.
-        With no counted token the loss is 0 and every gradient is zero.
+        With no counted token the loss is 0 and every gradient is zero. Labels outside [0, V) raise ValueError
+        on the PyTorch path; on the Triton path (unchecked: no host sync) they give those tokens a NaN loss.
     """
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {type(hidden).__name__}")
@@ -129,26 +147,25 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         softcap = _as_float(softcap, "softcap")
         if not softcap > 0:
             raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-    num_items = None
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError(f"num_items_in_batch replaces the mean's denominator; reduction is {reduction!r}")
-        num_items = _as_float(num_items_in_batch, "num_items_in_batch")
+    triton = use_triton(hidden, weight)
+    num_items = _num_items(num_items_in_batch, reduction, triton)
     labels = labels.long()
     if shift_labels:
         labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
     flat_y = labels.reshape(-1)
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
-    idx = (flat_y != ignore_index).nonzero().squeeze(1)  # (n,) counted rows: the only ones that reach a matmul
+    idx = (flat_y != ignore_index).nonzero().squeeze(1)  # (n,) counted rows: the call's one host sync (its size)
     n = idx.numel()
     if n == hidden2.shape[0]:
         idx, y = None, flat_y
     else:
         y = flat_y.index_select(0, idx)
-    if n and (int(y.min()) < 0 or int(y.max()) >= V):
+    # The label range is checked here on the PyTorch path only: on the Triton path a check would be two more host
+    # syncs per call, and there a label outside [0, V) gives that token a NaN loss instead.
+    if n and not triton and (int(y.min()) < 0 or int(y.max()) >= V):
         lo, hi = int(y.min()), int(y.max())
         raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
-    if num_items is not None and n and not num_items > 0:
+    if isinstance(num_items, float) and n and not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
     opts = _CEOptions(reduction, LossOptions(label_smoothing, z_loss, softcap, logit_scale), num_items)
     loss, sums = _LinearCrossEntropy.apply(hidden2.to(weight.dtype).contiguous(), weight.contiguous(),
@@ -158,6 +175,6 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         loss = loss.reshape(labels.shape)
     if not return_stats:
         return loss
-    count = torch.tensor(n, device=hidden.device)
+    count = torch.full((), n, dtype=torch.int64, device=hidden.device)  # a fill, not a host-to-device copy
     stats = CrossEntropyStats(count, sums[1] / max(n, 1), sums[0] / max(n, 1))
     return loss, stats

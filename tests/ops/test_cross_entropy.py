@@ -228,7 +228,7 @@ def test_frozen_bias_gets_no_gradient(backend, lead, train_weight):
 def test_frozen_weight_gets_no_gradient_work(backend, monkeypatch):
     """LoRA: the head is frozen, so the weight gradient is never formed (the paths are told so)."""
     flags = []
-    for name in ("linear_cross_entropy_torch", "lce_bwd_triton"):
+    for name in ("linear_cross_entropy_torch", "lce_grads_triton"):
         real = getattr(lce, name)
         monkeypatch.setattr(lce, name, lambda *a, _real=real, **k: flags.append(k.get("need_dw")) or _real(*a, **k))
     hidden, weight, _, labels = _inputs((2, 37), 64, 1031, torch.float32)
@@ -273,17 +273,109 @@ def test_frozen_head_takes_one_pass(monkeypatch, kw, gemm):
         assert_close(g, ref, dtype=dtype, baseline=None if dtype == torch.float32 else base, name=f"dh {dtype}")
 
 
-def test_gradient_filter_is_off_by_default_and_close_without_smoothing():
-    torch.manual_seed(1)
-    h, w = randn(37, 64), randn(1031, 64, scale=0.5)
-    y = torch.randint(0, 1031, (37,))
-    _, lse, _ = lce.lce_fwd_triton(h, w, None, y)
-    rw = torch.full((37,), 1 / 37)
-    exact = lce.lce_bwd_triton(h, w, None, y, lse, rw)
-    filt = lce.lce_bwd_triton(h, w, None, y, lse, rw, filter_eps=1e-9)
-    for a, b in zip(exact[:2], filt[:2]):
-        assert torch.allclose(a, b, atol=1e-7)
-    assert lce.lce_bwd_triton.__kwdefaults__["filter_eps"] == 0.0
+@pytest.mark.parametrize("case", ["trained", "frozen", "none"])
+def test_triton_chunks_and_slices(monkeypatch, case):
+    """Triton path with the plan forced small: several row chunks (the last partial: 2 x 37 rows in chunks of 32),
+    several vocabulary slices (the last partial: 1031 = 8 x 128 + 7 over 3 slices), so the slices' log-sum-exp
+    merge, the dW kernel's first-chunk store and later-chunk add, and dh per chunk all run; fp32 and bf16."""
+    from sftfuse.kernels import cross_entropy_triton as kt
+
+    monkeypatch.setenv("SFTFUSE_BACKEND", "triton")
+    monkeypatch.setattr(kt, "ROWS_TRAINED", 32)
+    monkeypatch.setattr(kt, "ROWS_FROZEN", 32)
+    monkeypatch.setattr(kt, "SMS", 2)  # 2 x 2 programs over 2 row blocks: 2 vocabulary slices per row block
+    plan = kt.lce_plan(60, 1031, 64, torch.float32, grads=True, need_dw=True)
+    assert plan.chunks == 2 and plan.splits >= 2 and (plan.splits - 1) * plan.tiles_per_split * 128 < 1031
+    for dtype in DTYPES:
+        hidden, weight, bias, labels = _inputs((2, 37), 64, 1031, dtype, masked=0.2)
+        if case == "frozen":
+            weight.requires_grad_(False)
+            bias.requires_grad_(False)
+        kw = {"reduction": "none"} if case == "none" else {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 6.0}
+        _check_leaves(hidden, weight, bias, labels, **kw)
+
+
+def _check_leaves(hidden, weight, bias, labels, **kw):
+    """`_check` for the leaves that require grad (a frozen head's weight and bias do not)."""
+    if weight.requires_grad:
+        return _check(hidden, weight, bias, labels, **kw)
+    out = linear_cross_entropy(hidden, weight, labels, bias=bias, **kw)
+    h64 = hidden.detach().double().requires_grad_()
+    ref = linear_cross_entropy_ref(h64, weight.double(), labels, bias=bias.double(), **kw)
+    assert_close(out, ref.detach(), dtype=torch.float32 if hidden.dtype == torch.float32 else hidden.dtype,
+                 baseline=None if hidden.dtype == torch.float32 else
+                 linear_cross_entropy_ref(hidden, weight, labels, bias=bias, **kw).detach().float(), name="loss")
+    g = torch.autograd.grad(out, hidden)[0]
+    r = torch.autograd.grad(ref, h64)[0]
+    h16 = hidden.detach().clone().requires_grad_()
+    base = None if hidden.dtype == torch.float32 else torch.autograd.grad(
+        linear_cross_entropy_ref(h16, weight, labels, bias=bias, **kw), h16)[0]
+    assert_close(g, r, dtype=hidden.dtype, baseline=base, name="grad_hidden")
+
+
+def test_gradient_written_over_its_fp32_logits_in_bf16():
+    """The gradient kernel writes a 16-bit g over the first half of each fp32 logits row, in place: every row comes
+    out as computed from the logits it held (the interpreter truncates fp32 -> bf16 instead of rounding, so the
+    reference is truncated too, and one bf16 ulp is allowed)."""
+    from sftfuse.kernels import cross_entropy_triton as kt
+
+    n, V = 5, 3001  # three 1024-wide tiles, the last partial: later tiles read logits after earlier ones wrote g
+    ldz = -(-V // 16) * 16
+    z = randn(n, ldz, scale=3.0)
+    y, lse = torch.randint(0, V, (n,)), torch.logsumexp(z[:, :V], 1)
+    rw = torch.rand(n) + 0.5
+    want = (torch.softmax(z[:, :V].double(), 1) * rw[:, None]).float()
+    want[torch.arange(n), y] -= rw
+    g = z.view(torch.bfloat16)[:, :V]
+    kt._lce_grad_kernel[(n,)](z, g, y, lse, rw, n, V, z.stride(0), g.stride(0), 0.0, 0.0, 0.0, 1.0, BLOCK_N=1024)
+    trunc = (want.view(torch.int32) & ~0xFFFF).view(torch.float32)  # fp32 -> bf16 by truncation, as interpreted
+    ulp = trunc.abs() * 2.0**-7 + 1e-30
+    assert ((g.float() - trunc).abs() <= ulp).all()
+
+
+class _CountSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(str(func).startswith(s) for s in self.SYNCS):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_triton_path_syncs_once_per_loss(monkeypatch, frozen):
+    """Triton path, loss + backward with num_items_in_batch a tensor: one host sync (the counted rows' nonzero), no
+    label-range check, no .item() on the count, no data-dependent branch in the backward."""
+    monkeypatch.setenv("SFTFUSE_BACKEND", "triton")
+    hidden, weight, _, labels = _inputs((2, 37), 64, 1031, torch.float32, masked=0.5)
+    weight.requires_grad_(not frozen)
+    n_items = torch.tensor(float((labels != -100).sum() + 3))
+    with _CountSyncs() as mode:
+        loss = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=n_items, shift_labels=True)
+        grads = torch.autograd.grad(loss, [hidden] if frozen else [hidden, weight])
+    assert mode.seen == ["aten.nonzero.default"], mode.seen
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_(not frozen)
+    ref = linear_cross_entropy_ref(h64, w64, labels, num_items_in_batch=float(n_items), shift_labels=True)
+    assert_close(loss, ref.detach(), dtype=torch.float32)
+    for g, r in zip(grads, torch.autograd.grad(ref, [h64] if frozen else [h64, w64])):
+        assert_close(g, r, dtype=torch.float32)
+
+
+def test_triton_path_gives_nan_for_labels_out_of_range(monkeypatch):
+    """No host check on the Triton path: a label >= V (or < 0, not ignore_index) makes that token's loss NaN, so
+    the loss shows it instead of silently counting the label as absent."""
+    monkeypatch.setenv("SFTFUSE_BACKEND", "triton")
+    hidden, weight, _, labels = _inputs((9,), 64, 100, torch.float32, masked=0.0)
+    labels[3], labels[5] = 100, -5
+    per = linear_cross_entropy(hidden, weight, labels, reduction="none")
+    assert per[3].isnan() and per[5].isnan() and torch.isfinite(per[[0, 1, 2, 4, 6, 7, 8]]).all()
+    assert linear_cross_entropy(hidden, weight, labels).isnan()
 
 
 @pytest.mark.parametrize("bad, match", [
