@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import peak_memory
+from conftest import peak_memory, x_floor
 from torch import nn
 
 from sftfuse.modules.linear import LoRALinear
@@ -126,7 +126,8 @@ def test_lora_block(benchmark, bench_record, impl, base):
     row = {"base": base, "impl": impl, "adapter dtype": "-" if impl == "base" else
            ("fp32" if impl == "peft" else "bf16"), "fwd+bwd ms": sec * 1e3,
            "min ms": benchmark.stats.stats.min * 1e3,
-           "GFLOP/s": _flops() / sec / 1e9, "saved MB": _saved_bytes(layers, forward) / 2**20,
+           "GFLOP/s": _flops() / sec / 1e9, "x floor": x_floor(sec, _flops()),
+           "saved MB": _saved_bytes(layers, forward) / 2**20,
            "peak MB": peak_memory(step) / 2**20}
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, str)})
     _RESULTS[(base, impl)] = row
