@@ -9,7 +9,7 @@ sizes (`nf4_tiles`, from the L2 cache size). Kinds of CPU they tell apart (this 
 - AMD EPYC Zen 5 (AVX512-BF16): bf16 about 4x fp32: bf16.
 `cpu_plan()` gathers the choices with the measured rates; the patch report and `sftfuse verify` print it.
 
-Which dtype the PyTorch paths run their CPU GEMMs in, for 16-bit inputs: their own, or fp32.
+The GEMM dtype: which dtype the PyTorch paths run their CPU GEMMs in, for 16-bit inputs: their own, or fp32.
 
 A bf16 GEMM is only faster than fp32 where the CPU has bf16 matrix units (AMX on Sapphire Rapids and later).
 With AVX512-BF16 alone oneDNN's bf16 GEMM can be the slower one: on this project's 2-core Xeon
@@ -173,10 +173,10 @@ def _pow2_floor(n: int) -> int:
 
 @cache
 def nf4_tiles() -> tuple[int, int]:
-    """(values per decoded NF4 weight tile, values per decode step) for the CPU matmul, from the L2 size: a 16-bit
-    tile of half of L2 (2 MiB L2: 2^20 values, the size measured best here), and steps whose fp32 temporary fills
-    an eighth of it (2^18 values: 2^15 cost 1.6x the decode time on 2 quiet cores, each op's thread team paying
-    for its start; much larger ones leave L2)."""
+    """(values per decoded NF4 weight tile, values per decode step) for the CPU matmul, from the L2 size: L2 / 2
+    values per tile, a 16-bit tile as large as L2 (2 MiB L2: 2^20 values, the size measured best here), and L2 / 8
+    values per step, whose fp32 temporary fills half of L2 (2^18 values: 2^15 cost 1.6x the decode time on 2 quiet
+    cores, each op's thread team paying for its start; much larger ones leave L2)."""
     l2 = _l2_bytes()
     return min(max(_pow2_floor(l2 // 2), 1 << 18), 1 << 22), min(max(_pow2_floor(l2 // 8), 1 << 15), 1 << 20)
 
