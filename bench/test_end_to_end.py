@@ -170,6 +170,38 @@ STEPS = int(os.environ.get("BENCH_STEPS", "5"))
 THREADS = int(os.environ.get("BENCH_THREADS", "0"))
 
 
+def interleaved(rounds: int) -> dict:
+    """(a) and (b) on one model in one process: each round times one step unpatched and one patched (`patch_model`
+    / `unpatch_model` between them, the order swapped every round), so a change of load hits both; returns the
+    median step of each and the median of the per-round speed ratios."""
+    import torch
+
+    from sftfuse.patch.patcher import patch_model, unpatch_model
+
+    model, _ = _build("a")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = _batch()
+
+    def step(patched: bool) -> float:
+        unpatch_model(model)
+        if patched:
+            patch_model(model, strict=True)
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step(False), step(True)  # warm-up: optimizer state, the CPU plan's measurements
+    times = {False: [], True: []}
+    for i in range(rounds):
+        for patched in ((False, True) if i % 2 == 0 else (True, False)):
+            times[patched].append(step(patched))
+    ratios = [a / b for a, b in zip(times[False], times[True], strict=True)]
+    return {"a_s_per_step": statistics.median(times[False]), "b_s_per_step": statistics.median(times[True]),
+            "speed_b_vs_a": statistics.median(ratios), "rounds": rounds, "threads": torch.get_num_threads()}
+
+
 def _run(config: str, steps: int, mode: str, timeout: int) -> dict:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -231,6 +263,15 @@ def test_end_to_end(config, benchmark, bench_record):
         print(row["patch_report"])
 
 
+def test_end_to_end_interleaved(bench_record):
+    """(b) against (a) with their steps interleaved in one process (see `interleaved`): the ratio to trust on a
+    loaded host."""
+    row = _run("a", STEPS, "interleaved", 1800)
+    if "error" not in row:
+        row["b_x_floor"] = _floor_multiple(row["b_s_per_step"])
+    bench_record("end_to_end_interleaved", row)
+
+
 if __name__ == "__main__":
     _mode = sys.argv[4] if len(sys.argv) > 4 else "time"
     if _mode == "memory":  # before torch allocates anything: blocks of 64 KiB or more go back to the OS on free
@@ -239,4 +280,5 @@ if __name__ == "__main__":
         import torch
 
         torch.set_num_threads(int(sys.argv[3]))
-    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else STEPS, _mode)))
+    _steps = int(sys.argv[2]) if len(sys.argv) > 2 else STEPS
+    print(json.dumps(interleaved(_steps) if _mode == "interleaved" else worker(sys.argv[1], _steps, _mode)))
