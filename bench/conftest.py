@@ -10,6 +10,12 @@ after. That mode slows allocation, so memory is measured in separate calls, afte
 
 Each test adds rows with `bench_record(table, row)`; at the end every table is written to
 `bench/results/<table>.json` (rows + machine + versions) and `bench/results/<table>.md`.
+
+FLOP floor: `host_gemm_rate()` measures this host's bf16 and fp32 GEMM rates once per run, on SmolLM2's MLP shape
+(1024 x 576) @ (576 x 1536), best of 7 alternating runs each; `x_floor(seconds, flops)` is a time's multiple of
+flops / the faster rate, the time the op's FLOPs would take at the host's best GEMM speed. Every table says the
+CPU kind (`sftfuse.kernels._cpu.cpu_kind`: AMX-BF16, or AVX512-BF16 without AMX, which an AMX host emulates under
+`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`) and the rates its floors used.
 """
 
 from __future__ import annotations
@@ -48,6 +54,33 @@ def machine() -> dict:
         except Exception:  # noqa: BLE001 - a missing or broken optional package is reported as absent
             info[name] = None
     return info
+
+
+_RATE: dict[str, float | str] = {}
+_RATE_SHAPE = (1024, 576, 1536)
+
+
+def host_gemm_rate() -> dict[str, float | str]:
+    """{"bf16 GFLOP/s", "fp32 GFLOP/s", "best GFLOP/s", "cpu kind"} of this host, measured once per run (with
+    torch's current thread count)."""
+    if not _RATE:
+        from sftfuse.kernels._cpu import _best_pair, cpu_kind
+
+        m, k, n = _RATE_SHAPE
+        gen = torch.Generator().manual_seed(0)
+        a32, b32 = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        a16, b16 = a32.bfloat16(), b32.bfloat16()
+        with torch.no_grad():
+            t16, t32 = _best_pair(lambda: torch.mm(a16, b16.t()), lambda: torch.mm(a32, b32.t()))
+        flop = 2 * m * k * n
+        _RATE.update({"bf16 GFLOP/s": flop / t16 / 1e9, "fp32 GFLOP/s": flop / t32 / 1e9, "cpu kind": cpu_kind()})
+        _RATE["best GFLOP/s"] = max(_RATE["bf16 GFLOP/s"], _RATE["fp32 GFLOP/s"])
+    return dict(_RATE)
+
+
+def x_floor(seconds: float, flops: float) -> float:
+    """`seconds` as a multiple of the op's FLOP floor: flops at this host's best measured GEMM rate."""
+    return seconds / (flops / (host_gemm_rate()["best GFLOP/s"] * 1e9))
 
 
 def _status(field: str) -> int:
@@ -105,11 +138,15 @@ def pytest_sessionfinish(session, exitstatus):
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
+    info.update(host_gemm_rate())
     for table, rows in _TABLES.items():
         (RESULTS / f"{table}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
         cols = list(dict.fromkeys(k for r in rows for k in r))
         lines = [f"# {table}", "", f"Machine: {info['device']}; torch {info['torch']}, triton {info['triton']}, "
                  f"transformers {info['transformers']}, peft {info['peft']}, bitsandbytes {info['bitsandbytes']}; "
-                 f"{info['time']}.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                 f"{info['time']}.", "", f"CPU kind: {info['cpu kind']}; {info['threads']} threads; GEMM rates "
+                 f"measured in this run: bf16 {info['bf16 GFLOP/s']:,.0f}, fp32 {info['fp32 GFLOP/s']:,.0f} GFLOP/s "
+                 f"(x floor: time / (FLOPs / {info['best GFLOP/s']:,.0f} GFLOP/s)).", "",
+                 "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
         (RESULTS / f"{table}.md").write_text("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import peak_memory
+from conftest import peak_memory, x_floor
 
 from sftfuse.ops.cross_entropy import linear_cross_entropy
 
@@ -78,7 +78,7 @@ def test_linear_cross_entropy(benchmark, bench_record, shape, dtype, impl):
     counted = int((labels != -100).sum())
     flops = (4 if shape.endswith("_frozen") else 6) * counted * H * V  # useful work: (counted x H x V) matmuls
     row = {"shape": f"{shape} n={n} H={H} V={V}", "dtype": dtype, "impl": impl, "seconds": seconds,
-           "GFLOP/s": flops / seconds / 1e9, "peak_MB": mem / 1e6}
+           "GFLOP/s": flops / seconds / 1e9, "x floor": x_floor(seconds, flops), "peak_MB": mem / 1e6}
     _RESULTS.setdefault((shape, dtype), {})[impl] = (seconds, mem)
     base = _RESULTS[(shape, dtype)]
     if impl == "sftfuse" and "eager" in base and "torch_chunked" in base:

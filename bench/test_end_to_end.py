@@ -1,7 +1,8 @@
 """End-to-end SFT step on the default model: HF + PEFT against the same model patched by sftfuse.
 
 SmolLM2-135M-Instruct (Llama: hidden 576, 30 layers, vocab 49152, tied embeddings), batch 4 x 256 tokens with
-the first half of every row a prompt (labels -100), AdamW over the adapters, CPU. Configurations:
+the first half of every row a prompt (labels -100), AdamW over the adapters, CPU, LoRA dropout 0.05 on every
+adapter (the issue's setting: dropout is where a CPU LoRA step spends its non-GEMM time). Configurations:
   a  HF + PEFT LoRA r=16 on all linears, bf16 base (PEFT keeps fp32 adapters): the baseline
   b  a, patched by sftfuse (fused LoRA in bf16, fused linear + cross-entropy: no logits)
   c  HF + PEFT LoRA over bitsandbytes NF4 Linear4bit (bf16 compute), if bitsandbytes runs on this CPU
@@ -9,7 +10,10 @@ the first half of every row a prompt (labels -100), AdamW over the adapters, CPU
      checkpointing (non-reentrant), reported as its own row
 Each configuration runs in its own process (`python bench/test_end_to_end.py CONFIG`), so one's allocator state
 and peak never leak into another's. FLOPs of a LoRA step: about 4 x params x tokens (forward, and backward to
-the inputs; frozen weights get no gradient): 4 x 135e6 x 1024 = 0.55 TFLOP, reported as GFLOP/s.
+the inputs; frozen weights get no gradient): 4 x 135e6 x 1024 = 0.55 TFLOP, reported as GFLOP/s. The FLOP floor
+counts what the step must compute: 4 x 106.2 M linear weights x 1,024 tokens, attention (about 54 GFLOP) and the
+frozen head on the 512 counted rows (4 x 512 x 576 x 49,152 = 58 GFLOP); "x floor" is the step's time over that
+work at this host's best GEMM rate, measured in the same run (bench/conftest.py).
 
 Memory is measured in a second fresh process per configuration, in which glibc returns every block of 64 KiB or
 more to the OS on free from the start (`mallopt(M_MMAP_THRESHOLD)` before torch is imported), so the peak is what
@@ -38,9 +42,10 @@ from pathlib import Path
 
 import pytest
 
-BATCH, SEQ, RANK = 4, 256, 16
+BATCH, SEQ, RANK, DROPOUT = 4, 256, 16, 0.05
 TOKENS = BATCH * SEQ
 STEP_FLOP = 4 * 135e6 * TOKENS
+FLOOR_FLOP = 4 * 106.2e6 * TOKENS + 54e9 + 4 * (TOKENS // 2) * 576 * 49152  # linears, attention, counted head
 CONFIGS = {
     "a": "HF + PEFT LoRA r=16, bf16",
     "b": "a + sftfuse.patch_model",
@@ -77,7 +82,8 @@ def _build(config: str):
         import peft
 
         model, _ = load_default_model(dtype=bf16)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear"))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, lora_dropout=DROPOUT,
+                                                           target_modules="all-linear"))
     elif config == "c":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -89,7 +95,8 @@ def _build(config: str):
                                   bnb_4bit_compute_dtype=bf16)
         model = AutoModelForCausalLM.from_pretrained(cache_dir() / "SmolLM2-135M-Instruct", dtype=bf16,
                                                      quantization_config=qcfg, device_map="cpu")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear"))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=32, lora_dropout=DROPOUT,
+                                                           target_modules="all-linear"))
     else:
         from sftfuse.modules.linear import LoRALinear, NF4Linear
         from sftfuse.modules.quantize import quantize_model
@@ -101,7 +108,7 @@ def _build(config: str):
             if isinstance(module, NF4Linear):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child,
-                        LoRALinear.from_linear(module, r=RANK, lora_alpha=32))
+                        LoRALinear.from_linear(module, r=RANK, lora_alpha=32, lora_dropout=DROPOUT))
     if config.endswith("+gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = None
@@ -163,6 +170,38 @@ STEPS = int(os.environ.get("BENCH_STEPS", "5"))
 THREADS = int(os.environ.get("BENCH_THREADS", "0"))
 
 
+def interleaved(rounds: int) -> dict:
+    """(a) and (b) on one model in one process: each round times one step unpatched and one patched (`patch_model`
+    / `unpatch_model` between them, the order swapped every round), so a change of load hits both; returns the
+    median step of each and the median of the per-round speed ratios."""
+    import torch
+
+    from sftfuse.patch.patcher import patch_model, unpatch_model
+
+    model, _ = _build("a")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = _batch()
+
+    def step(patched: bool) -> float:
+        unpatch_model(model)
+        if patched:
+            patch_model(model, strict=True)
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step(False), step(True)  # warm-up: optimizer state, the CPU plan's measurements
+    times = {False: [], True: []}
+    for i in range(rounds):
+        for patched in ((False, True) if i % 2 == 0 else (True, False)):
+            times[patched].append(step(patched))
+    ratios = [a / b for a, b in zip(times[False], times[True], strict=True)]
+    return {"a_s_per_step": statistics.median(times[False]), "b_s_per_step": statistics.median(times[True]),
+            "speed_b_vs_a": statistics.median(ratios), "rounds": rounds, "threads": torch.get_num_threads()}
+
+
 def _run(config: str, steps: int, mode: str, timeout: int) -> dict:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -196,9 +235,22 @@ def run_config(config: str, steps: int = STEPS, timeout: int = 900) -> dict:
 _ROWS: dict[str, dict] = {}
 
 
+def _floor_multiple(seconds: float) -> float:
+    """The step's time over its FLOP floor, at this host's best GEMM rate measured with the workers' threads."""
+    import torch
+    from conftest import x_floor
+
+    if THREADS > 0:
+        torch.set_num_threads(THREADS)
+    return x_floor(seconds, FLOOR_FLOP)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_end_to_end(config, benchmark, bench_record):
+    _floor_multiple(1.0)  # measures the host's GEMM rate before the first configuration runs
     row = benchmark.pedantic(run_config, args=(config,), rounds=1, iterations=1)
+    if "error" not in row:
+        row["x_floor"] = _floor_multiple(row["s_per_step"])
     benchmark.extra_info.update({k: v for k, v in row.items() if k != "patch_report"})
     base = _ROWS.get("a")
     if base and "error" not in row and "error" not in base:
@@ -211,6 +263,15 @@ def test_end_to_end(config, benchmark, bench_record):
         print(row["patch_report"])
 
 
+def test_end_to_end_interleaved(bench_record):
+    """(b) against (a) with their steps interleaved in one process (see `interleaved`): the ratio to trust on a
+    loaded host."""
+    row = _run("a", STEPS, "interleaved", 1800)
+    if "error" not in row:
+        row["b_x_floor"] = _floor_multiple(row["b_s_per_step"])
+    bench_record("end_to_end_interleaved", row)
+
+
 if __name__ == "__main__":
     _mode = sys.argv[4] if len(sys.argv) > 4 else "time"
     if _mode == "memory":  # before torch allocates anything: blocks of 64 KiB or more go back to the OS on free
@@ -219,4 +280,5 @@ if __name__ == "__main__":
         import torch
 
         torch.set_num_threads(int(sys.argv[3]))
-    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else STEPS, _mode)))
+    _steps = int(sys.argv[2]) if len(sys.argv) > 2 else STEPS
+    print(json.dumps(interleaved(_steps) if _mode == "interleaved" else worker(sys.argv[1], _steps, _mode)))

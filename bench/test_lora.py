@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import peak_memory
+from conftest import peak_memory, x_floor
 from torch import nn
 
 from sftfuse.modules.linear import LoRALinear
@@ -126,7 +126,8 @@ def test_lora_block(benchmark, bench_record, impl, base):
     row = {"base": base, "impl": impl, "adapter dtype": "-" if impl == "base" else
            ("fp32" if impl == "peft" else "bf16"), "fwd+bwd ms": sec * 1e3,
            "min ms": benchmark.stats.stats.min * 1e3,
-           "GFLOP/s": _flops() / sec / 1e9, "saved MB": _saved_bytes(layers, forward) / 2**20,
+           "GFLOP/s": _flops() / sec / 1e9, "x floor": x_floor(sec, _flops()),
+           "saved MB": _saved_bytes(layers, forward) / 2**20,
            "peak MB": peak_memory(step) / 2**20}
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, str)})
     _RESULTS[(base, impl)] = row
@@ -153,6 +154,7 @@ def test_lora_interleaved(base):
         row = _RESULTS.setdefault((base, impl), {"base": base, "impl": impl})
         row["interleaved ms"] = sorted(times[impl])[ROUNDS // 2] * 1e3
         row["interleaved time / peft"] = ratios[ROUNDS // 2]
+        row["interleaved x floor"] = x_floor(row["interleaved ms"] / 1e3, _flops())
 
 
 def test_lora_ratios(bench_record):
@@ -161,7 +163,7 @@ def test_lora_ratios(bench_record):
         pytest.skip("run with the benchmarks")
     for (base, _impl), row in _RESULTS.items():
         peft = _RESULTS.get((base, "peft"))
-        if peft:
+        if peft and "fwd+bwd ms" in row and "fwd+bwd ms" in peft:  # the timed tests ran too (not only interleaved)
             row["time / peft"] = row["fwd+bwd ms"] / peft["fwd+bwd ms"]
             row["saved / peft"] = row["saved MB"] / peft["saved MB"]
         bench_record("lora", row)

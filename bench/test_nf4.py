@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import peak_memory, x_floor
 
-from bench.conftest import peak_memory
 from sftfuse.kernels.nf4 import quantize_nf4
 from sftfuse.ops.nf4 import nf4_matmul
 
@@ -80,7 +80,8 @@ def test_nf4_matmul_fwd_bwd(benchmark, bench_record, shape):
     flops = 4 * TOKENS * n * k
     for name, fn in impls.items():
         row = {"shape": f"{n}x{k}", "tokens": TOKENS, "impl": name, "ms": med[name] * 1e3,
-               "GFLOP/s": flops / med[name] / 1e9, "peak MB": peak_memory(fn) / 2**20,
+               "GFLOP/s": flops / med[name] / 1e9, "x floor": x_floor(med[name], flops),
+               "peak MB": peak_memory(fn) / 2**20,
                "x bf16": med[name] / med["bf16"]}
         if "bnb" in med:
             row["x bnb"] = med[name] / med["bnb"]

@@ -1,4 +1,15 @@
-"""Which dtype the PyTorch paths run their CPU GEMMs in, for 16-bit inputs: their own, or fp32.
+"""Every per-CPU choice of the PyTorch paths, made here from measurements of this host, and `cpu_plan()` saying why.
+
+The choices: the dtype of 16-bit GEMMs (`gemm_dtype`: linear layers, LoRA, the NF4 matmul's decoded tiles, the loss
+head), of CPU attention (`attention_dtype`, torch's flash kernel timed in both dtypes), and the NF4 decode's tile
+sizes (`nf4_tiles`, from the L2 cache size). Kinds of CPU they tell apart (this project's hosts):
+- Intel Xeon with AMX-BF16: bf16 GEMMs 1.7-2.1 TFLOP/s against fp32's 0.21: everything in bf16.
+- Intel Xeon with AVX512-BF16 and no AMX (or an AMX host with `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`): bf16 GEMMs at
+  about half the fp32 rate: GEMMs and attention in fp32.
+- AMD EPYC Zen 5 (AVX512-BF16): bf16 about 4x fp32: bf16.
+`cpu_plan()` gathers the choices with the measured rates; the patch report and `sftfuse verify` print it.
+
+The GEMM dtype: which dtype the PyTorch paths run their CPU GEMMs in, for 16-bit inputs: their own, or fp32.
 
 A bf16 GEMM is only faster than fp32 where the CPU has bf16 matrix units (AMX on Sapphire Rapids and later).
 With AVX512-BF16 alone oneDNN's bf16 GEMM can be the slower one: on this project's 2-core Xeon
@@ -14,7 +25,9 @@ one activation). Saved activations stay in their own dtype.
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -47,19 +60,66 @@ def _best_pair(fa, fb, reps: int = 7) -> tuple[float, float]:
     return best[0], best[1]
 
 
+_GEMM_SHAPE = (256, 512, 1024)  # (M, K, N) of the measured product
+_MARGIN = 0.9  # fp32 must win by 10%: a tie keeps the native dtype (and its smaller transients)
+
+
+def _measure_gemm(dtype: torch.dtype) -> tuple[float, float]:
+    """(seconds of a `dtype` GEMM, seconds of the same GEMM in fp32 with the casts of its inputs and output), best
+    of 7 alternating runs each (`_best_pair`) on a (256 x 512) @ (512 x 1024) product."""
+    m, k, n = _GEMM_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, k, generator=gen).to(dtype)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        return _best_pair(lambda: torch.mm(a, b.t()), lambda: torch.mm(a.float(), b.float().t()).to(dtype))
+
+
+@cache
+def gemm_times(dtype: torch.dtype) -> tuple[float, float]:
+    """`_measure_gemm`, once per dtype and process."""
+    return _measure_gemm(dtype)
+
+
 @cache
 def fp32_gemm_is_faster(dtype: torch.dtype) -> bool:
-    """True when an fp32 GEMM, casts of its inputs and output included, beats a `dtype` GEMM on this CPU.
+    """True when an fp32 GEMM, casts of its inputs and output included, beats a `dtype` GEMM on this CPU by 10%."""
+    native, wide = gemm_times(dtype)
+    return wide < _MARGIN * native
 
-    Measured once per dtype and process on a (256 x 512) @ (512 x 1024) product, best of 7 alternating runs each
-    (`_best_pair`); fp32 must win by 10%, so a tie keeps the native dtype (and its smaller transients).
-    """
+
+def _measure_attention(dtype: torch.dtype) -> tuple[float, float]:
+    """(seconds of torch's causal CPU attention in `dtype`, seconds in fp32 with the casts), forward and backward,
+    best of 5 alternating runs: B=1, 4 heads, 256 tokens, head_dim 64 (SmolLM2's head size)."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 512, generator=gen).to(dtype)
-    b = torch.randn(1024, 512, generator=gen).to(dtype)
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        native, wide = _best_pair(lambda: torch.mm(a, b.t()), lambda: torch.mm(a.float(), b.float().t()).to(dtype))
-    return wide < 0.9 * native
+    q, k, v = (torch.randn(1, 4, 256, 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run(wide: bool):
+        ins = [t.float() for t in (q, k, v)] if wide else [q, k, v]
+        out = sdpa(*ins, is_causal=True)
+        torch.autograd.grad(out.to(dtype), (q, k, v), torch.ones_like(q))
+
+    with torch.autocast("cpu", enabled=False), torch.enable_grad():
+        return _best_pair(lambda: run(False), lambda: run(True), reps=5)
+
+
+@cache
+def attention_times(dtype: torch.dtype) -> tuple[float, float]:
+    """`_measure_attention`, once per dtype and process."""
+    return _measure_attention(dtype)
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype CPU attention on `dtype` inputs runs in: `dtype`, or fp32 where torch's flash kernel is faster so
+    (measured: `attention_times`). `SFTFUSE_CPU_GEMM=native|fp32` forces either, as for GEMMs."""
+    if torch.device(device).type != "cpu" or dtype in (torch.float32, torch.float64):
+        return dtype
+    choice = _choice()
+    if choice != "auto":
+        return dtype if choice == "native" else torch.float32
+    native, wide = attention_times(dtype)
+    return torch.float32 if wide < _MARGIN * native else dtype
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
@@ -92,3 +152,90 @@ def cpu_has_bf16() -> bool:
         return bool((a @ a)[0, 0] == 8)
     except RuntimeError:
         return False
+
+
+def _l2_bytes() -> int:
+    """This CPU's L2 cache per core, from sysfs (2 MiB when it cannot be read)."""
+    for index in range(4):
+        base = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}")
+        try:
+            if (base / "level").read_text().strip() == "2":
+                size = (base / "size").read_text().strip().upper()
+                return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
+        except (OSError, ValueError):
+            continue
+    return 2 << 20
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+@cache
+def nf4_tiles() -> tuple[int, int]:
+    """(values per decoded NF4 weight tile, values per decode step) for the CPU matmul, from the L2 size: L2 / 2
+    values per tile, a 16-bit tile as large as L2 (2 MiB L2: 2^20 values, the size measured best here), and L2 / 8
+    values per step, whose fp32 temporary fills half of L2 (2^18 values: 2^15 cost 1.6x the decode time on 2 quiet
+    cores, each op's thread team paying for its start; much larger ones leave L2)."""
+    l2 = _l2_bytes()
+    return min(max(_pow2_floor(l2 // 2), 1 << 18), 1 << 22), min(max(_pow2_floor(l2 // 8), 1 << 15), 1 << 20)
+
+
+def cpu_kind() -> str:
+    """'AMX-BF16', 'AVX512-BF16 (no AMX)', 'AVX512 (no bf16)' or 'no AVX512', from /proc/cpuinfo; with
+    ONEDNN_MAX_CPU_ISA set below AMX on an AMX CPU, the kind it emulates (oneDNN then leaves AMX alone)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    amx = "amx_bf16" in flags and (not cap or "AMX" in cap or cap == "ALL")
+    if amx:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16 (no AMX)" + (f", AMX off by ONEDNN_MAX_CPU_ISA={cap}" if "amx_bf16" in flags else "")
+    return "AVX512 (no bf16)" if "avx512f" in flags else "no AVX512"
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The per-CPU choices of this process, with the measurements behind them (`cpu_plan`)."""
+
+    kind: str
+    threads: int
+    override: str  # SFTFUSE_CPU_GEMM
+    bf16_gflops: float  # the measured bf16 GEMM rate
+    fp32_gflops: float  # the measured fp32 GEMM rate (casts included)
+    gemm: torch.dtype  # for bf16 operands
+    attention: torch.dtype  # for bf16 q, k, v
+    attention_ms: tuple[float, float]  # (bf16, fp32) forward + backward of the probe
+    nf4_tile: int
+    nf4_step: int
+
+    @property
+    def best_gflops(self) -> float:
+        """The faster of the two GEMM rates: the host's FLOP rate that the benchmarks' floors divide by."""
+        return max(self.bf16_gflops, self.fp32_gflops)
+
+    def __str__(self) -> str:
+        def name(dt):
+            return str(dt).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+        why = "forced by SFTFUSE_CPU_GEMM" if self.override != "auto" else "measured faster"
+        return (f"CPU plan: {self.kind}, {self.threads} threads. GEMM bf16 {self.bf16_gflops:,.0f} vs fp32 "
+                f"{self.fp32_gflops:,.0f} GFLOP/s -> 16-bit GEMMs in {name(self.gemm)} ({why}); attention bf16 "
+                f"{self.attention_ms[0]:.2f} vs fp32 {self.attention_ms[1]:.2f} ms -> {name(self.attention)}; "
+                f"NF4 decode to {name(self.gemm)} tiles of {self.nf4_tile:,} values, {self.nf4_step:,} per step "
+                f"(L2 {_l2_bytes() >> 10} KiB)")
+
+
+@cache
+def cpu_plan() -> CpuPlan:
+    """Every per-CPU choice for bf16 work on this host, measured once per process (a few tens of milliseconds)."""
+    m, k, n = _GEMM_SHAPE
+    native, wide = gemm_times(torch.bfloat16)
+    att = attention_times(torch.bfloat16)
+    tile, step = nf4_tiles()
+    return CpuPlan(cpu_kind(), torch.get_num_threads(), _choice(), 2 * m * k * n / native / 1e9,
+                   2 * m * k * n / wide / 1e9, gemm_dtype(torch.bfloat16), attention_dtype(torch.bfloat16),
+                   (att[0] * 1e3, att[1] * 1e3), tile, step)

@@ -1,8 +1,10 @@
 """LoRA linear: y = x W^T + b + s * (dropout(x) A^T) B^T over a frozen 16-bit or NF4 base, forward and backward.
 
 x (M, K) tokens x in-features, W (N, K) frozen, A (r, K), B (N, r), s = alpha / r (alpha / sqrt(r), rsLoRA).
-Dropout keeps x with probability 1 - p and scales by 1 / (1 - p); its mask is a pure function of (seed, row,
-column) (`dropout_mask`, the same bits on both paths), so no dropped-out copy of x is ever stored.
+Dropout keeps x with probability 1 - p and scales by 1 / (1 - p); its mask is a pure function of the adapter's seed,
+so no dropped-out copy of x is ever stored. The Triton kernels hash it from (seed, row, column) in registers
+(`dropout_mask`); the PyTorch path draws it once per call from torch's generator (`cpu_drop_mask`,
+`sftfuse.kernels.dropout`) and the ops keep it as bits (M K / 8 bytes) for the backward (`draw_drop`, `saved_drop`).
 
 Forward: t = dropout(x) A^T (M, r); y = x W^T + b + s t B^T. Saved: x (a view of the caller's tensor, so layers
 reading the same x share it), t and the seed. PEFT saves, per adapted layer, an fp32 dropped-out copy of x and
@@ -15,8 +17,9 @@ PyTorch path (CPU, this file): the same plan in plain ops, GEMMs in x's dtype or
 on this CPU (`sftfuse.kernels._cpu`; a dense base weight is then cast per call, a transient copy; over an NF4
 base the adapter stays in x's dtype and nf4_matmul makes that choice around its decoded tiles), the adapter terms
 accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
-dy W added inside one GEMM). The CPU mask is one add and one lookup per element in a cached table of the
-per-element mixer (`_drop_mask`): each extra op costs a thread fork-join on a busy CPU. An NF4 base goes
+dy W added inside one GEMM). The mask costs one draw and one compare per element in the forward (it replaced a
+hash-table gather made in the forward and again in the backward: a third of an end-to-end step on an AMX CPU,
+where the GEMMs are fast), and one unpack of its bits in the backward. An NF4 base goes
 through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path: the kernels in `sftfuse.kernels.lora_triton`, launched
 from here; ranks above 64 (one R tile) take the PyTorch path, with a warning once per process.
 """
@@ -35,6 +38,7 @@ from sftfuse.kernels._registry import (
     use_triton,
     warn_once,
 )
+from sftfuse.kernels.dropout import drop_mask, pack_bits, unpack_bits
 
 # Odd 32-bit multipliers (golden ratio, murmur3) and the shift of the per-element mixer.
 _C1, _C2, _C3, _C4 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F
@@ -54,7 +58,7 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-_KEY_BITS = 20  # row and column keys take 20 bits, so key_row + key_col indexes a 2^21-entry table
+_KEY_BITS = 20  # row and column keys take 20 bits
 
 
 def _keys32(n: int, seed: int, mult: int, salt: int, device) -> torch.Tensor:
@@ -88,20 +92,35 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> t
     return _mix(rk[:, None] + ck[None, :]) >= dropout_threshold(p)
 
 
-_DROP_TABLES: dict[tuple[float, str], torch.Tensor] = {}
+def cpu_drop_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> torch.Tensor:
+    """The PyTorch path's drop mask (True = dropped), bool (rows, cols): torch's generator seeded by `seed`
+    (`sftfuse.kernels.dropout`), not the Triton path's hash; a pure function of (seed, rows, cols, p)."""
+    return drop_mask(seed, rows * cols, p, device=device)[: rows * cols].view(rows, cols)
 
 
-def _drop_mask(seed, rows, cols, p, device):
-    """~dropout_mask, by one add and one lookup per element in a cached 2 MB table of mix(s) < threshold.
+def draw_drop(x: torch.Tensor, seed: int, p: float, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(drop mask (M, K) bool, its bits (uint8) to keep for the backward) for x (M, K) on the PyTorch path, drawn
+    once; (None, None) when p == 0 or on the Triton path (its kernels hash the mask from the seed in registers)."""
+    if p <= 0 or _use_triton(x, rank):
+        return None, None
+    M, K = x.shape
+    full = drop_mask(seed, M * K, p, device=x.device)
+    return full[: M * K].view(M, K), pack_bits(full)
 
-    On CPU a pass costs little but each op pays a thread fork-join: two ops instead of six per mask.
-    """
-    key = (p, str(device))
-    if key not in _DROP_TABLES:
-        s = torch.arange(1 << (_KEY_BITS + 1), dtype=torch.int32, device=device)
-        _DROP_TABLES[key] = _mix(s) < dropout_threshold(p)
-    rk, ck = _keys32(rows, seed, _C1, 0, device), _keys32(cols, seed, _C4, 0x165667B1, device)
-    return _DROP_TABLES[key].index_select(0, (rk[:, None] + ck[None, :]).view(-1)).view(rows, cols)
+
+def saved_drop(bits: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The drop mask (M, K) that `draw_drop` drew for x (M, K), from its kept bits (None stays None)."""
+    return None if bits is None else unpack_bits(bits, x.shape[0], x.shape[1])
+
+
+def keep_mask(x: torch.Tensor, seed: int, p: float, rank: int | None = None) -> torch.Tensor | None:
+    """The keep mask (M, K) that `lora_linear_fwd` / `_bwd` apply to x (M, K) with this seed, on x's path (the
+    tests' oracle): `dropout_mask` on the Triton path, `cpu_drop_mask` on the PyTorch path; None when p == 0."""
+    if p <= 0:
+        return None
+    if _use_triton(x, rank):
+        return dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    return cpu_drop_mask(seed, x.shape[0], x.shape[1], p, device=x.device).logical_not()
 
 
 def new_seed() -> int:
@@ -142,9 +161,10 @@ def _gemm_dtype(x, base):
     return gemm_dtype(x.dtype, x.device) if _dense(base) is not None else x.dtype
 
 
-def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
+def _lora_fwd_torch(x, base, A, B, s, bias, seed, p, drop=None):
     cd = _gemm_dtype(x, base)
-    drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
+    if p > 0 and drop is None:
+        drop = cpu_drop_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
     xc = x.to(cd)
     xa = xc if drop is None else torch.where(drop, 0, xc)
     t = xa @ A.to(cd).T  # (M, r)
@@ -162,9 +182,10 @@ def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
     return y.to(x.dtype), t.to(x.dtype)
 
 
-def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
+def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx, drop=None):
     cd = _gemm_dtype(dy, base)
-    drop = _drop_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else None
+    if p > 0 and drop is None:
+        drop = cpu_drop_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
     dyc, Ac = dy.to(cd), A.to(cd)
     u = dyc @ B.to(cd)  # (M, r)
     dx = None
@@ -219,25 +240,28 @@ def adapter_dtype(x: torch.Tensor, base) -> torch.dtype:
     return x.dtype if _use_triton(x) else _gemm_dtype(x, base)
 
 
-def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.0):
+def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.0, drop=None):
     """Forward of `lora_linear` on 2-D x, no autograd.
 
     Args:
         x: (M, K). base: (N, K) tensor or NF4Weight. lora_A: (r, K), lora_B: (N, r), in x's dtype.
         scaling: s. bias: (N,) or None. seed, p: dropout seed and probability (p = 0: no dropout).
+        drop: the PyTorch path's drop mask (M, K) bool, drawn already (`draw_drop`); None: drawn from the seed.
+            The Triton path ignores it (its kernels hash the mask from the seed).
     Returns:
         (y (M, N), t (M, r)): the output and the saved projection t = dropout(x) A^T.
     """
     if _use_triton(x, lora_A.shape[0]):
         return lora_fwd_triton(x, base, lora_A, lora_B, scaling, bias, seed, p)
-    return _lora_fwd_torch(x, base, lora_A, lora_B, scaling, bias, seed, p)
+    return _lora_fwd_torch(x, base, lora_A, lora_B, scaling, bias, seed, p, drop)
 
 
-def lora_linear_bwd(dy, x, t, base, lora_A, lora_B, scaling, *, seed=0, p=0.0, need_dx=True):
-    """Backward of `lora_linear` on 2-D tensors: (dx (M, K) or None, dA (r, K), dB (N, r)), in x's dtype."""
+def lora_linear_bwd(dy, x, t, base, lora_A, lora_B, scaling, *, seed=0, p=0.0, need_dx=True, drop=None):
+    """Backward of `lora_linear` on 2-D tensors: (dx (M, K) or None, dA (r, K), dB (N, r)), in x's dtype; `drop`
+    as for `lora_linear_fwd` (the forward's mask, e.g. `saved_drop` of its bits)."""
     if _use_triton(dy, lora_A.shape[0]):
         return lora_bwd_triton(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
-    return _lora_bwd_torch(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
+    return _lora_bwd_torch(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx, drop)
 
 
 # ---------------------------------------------------------------------------------------------------------------

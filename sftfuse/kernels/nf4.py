@@ -18,9 +18,10 @@ Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is fr
   tokens), dequantize + cuBLAS once it is compute-bound and decoding per M tile costs more than decoding once.
 - PyTorch (CPU): rows of W are decoded a tile at a time (<= TILE_ELEMS values) through a 256-entry
   byte -> (code[hi], code[lo]) table, one gather per two values, scaled in fp32 (bitsandbytes' rounding) and
-  cast once to the GEMM dtype, then multiplied by the library GEMM. The GEMM dtype is x's, or fp32 where an
-  fp32 GEMM is faster on this CPU (`sftfuse.kernels._cpu`: on AVX512-BF16 without AMX it is ~1.8x faster); the
-  fp32 tile is then the decode's own output, with no cast. Only one tile of decoded weight exists at a time.
+  cast once to the GEMM dtype, then multiplied by the library GEMM. The GEMM dtype is the CPU plan's
+  (`sftfuse.kernels._cpu`): bf16 tiles where the host multiplies bf16 fast (AMX: ~8x fp32's rate), fp32 where an
+  fp32 GEMM is faster (AVX512-BF16 without AMX: ~1.8x); the fp32 tile is then the decode's own output, with no
+  cast. Only one tile of decoded weight exists at a time; the tile sizes come from the L2 size (`nf4_tiles`).
 
 Rounding matches bitsandbytes 0.50 on CPU, checked in tests/kernels/test_nf4.py: NF4 indices are the nearest code, ties
 to the lower one; the nested 8-bit indices follow bitsandbytes' native CPU quantizer, which snaps the normalized
@@ -38,6 +39,7 @@ from functools import cache, lru_cache
 import torch
 import torch.nn.functional as F
 
+from sftfuse.kernels._cpu import nf4_tiles
 from sftfuse.kernels._registry import (
     CheckContext,
     CheckResult,
@@ -54,7 +56,9 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.7229568362236023, 1.0)
 NESTED_BLOCKSIZE = 256
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-TILE_ELEMS = 1 << 20  # CPU path: at most this many 16-bit weight values exist at once (2 MiB in bf16)
+# CPU path: at most TILE_ELEMS decoded weight values exist at once (2^20 with a 2 MiB L2: 2 MiB in bf16), decoded
+# _SUB at a time; both from this CPU's L2 size (`sftfuse.kernels._cpu.nf4_tiles`)
+TILE_ELEMS, _SUB = nf4_tiles()
 _CHUNK = 1 << 20  # quantizer: values per pass, so temporaries stay a few MiB however large the weight
 
 
@@ -209,10 +213,9 @@ def _pair_table(device: torch.device, code: tuple[float, ...]) -> torch.Tensor:
     return torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-# Values decoded per step: large enough that each op's thread team pays for its start (1 << 15 cost 1.6x the
-# decode time of 1 << 18 on 2 quiet cores), small enough that a bf16 output's fp32 temporary (2 MiB) stays in L2.
+# _SUB, values decoded per step: large enough that each op's thread team pays for its start (1 << 15 cost 1.6x the
+# decode time of 1 << 18 on 2 quiet cores), small enough that a bf16 output's fp32 temporary stays in L2.
 # An fp32 output (GEMMs in fp32, `sftfuse.kernels._cpu`) is gathered straight into place, with no temporary.
-_SUB = 1 << 18
 
 
 def _decode_flat(q: NF4Weight, start: int, end: int, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

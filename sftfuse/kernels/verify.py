@@ -2,7 +2,8 @@
 
 On a GPU it runs the Triton path at realistic shapes in bf16 and fp32; without one, the Triton path in the
 interpreter at small shapes (fp32 only: the interpreter computes bf16 arithmetic wrongly). Each result is the
-max error against the op's PyTorch reference in fp64, next to the tolerance it must meet.
+max error against the op's PyTorch reference in fp64, next to the tolerance it must meet. Above the table: the
+CPU plan (`sftfuse.kernels._cpu.cpu_plan`), the dtypes and tiles the PyTorch paths chose on this host, and why.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def run_verify(only: str | None = None) -> int:
         fn(ctx)
     where = torch.cuda.get_device_name() if on_gpu else "CPU, Triton interpreter"
     print(f"sftfuse verify on {where}\n")
+    from sftfuse.kernels._cpu import cpu_plan
+
+    print(f"{cpu_plan()}\n")  # what the PyTorch (CPU) paths chose on this host, and the measurements why
     head = ("op", "path", "dtype", "shape", "max err", "tol", "result")
     rows = [(r.op, r.path, r.dtype, r.shape, f"{r.max_err:.2e}", f"{r.tol:.2e}", "pass" if r.passed else "FAIL")
             for r in ctx.results]

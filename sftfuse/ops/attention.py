@@ -1,4 +1,4 @@
-"""Attention: torch's scaled_dot_product_attention, 16-bit CPU inputs computed in fp32."""
+"""Attention: torch's scaled_dot_product_attention, 16-bit CPU inputs computed in fp32 where that is faster here."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def _flash_bwd(*args, **kwargs):
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """`torch.nn.functional.scaled_dot_product_attention`, same arguments and result, computed in fp32 for 16-bit
-    CPU inputs where fp32 GEMMs are the faster ones here (`sftfuse.kernels._cpu.gemm_dtype`).
+    CPU inputs where torch's flash kernel is faster so on this CPU (`sftfuse.kernels._cpu.attention_dtype`, measured
+    once per process; on an AMX CPU bf16 is the faster one and torch's own function runs).
 
     On such a CPU, torch's flash attention in bf16 runs its matmuls at bf16's rate: measured on this project's
     2-core Xeon (B=4, 9 heads, 256 tokens, head_dim 64, causal), forward + backward took 23 ms in bf16 and 10-12 ms
@@ -84,7 +85,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout, a mask that needs a gradient, mixed dtypes or head sizes, key/value heads that differ from the
     query's without enable_gqa) runs torch's function unchanged.
     """
-    from sftfuse.kernels._cpu import gemm_dtype
+    from sftfuse.kernels._cpu import attention_dtype
 
     opts = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     dtype = query.dtype
@@ -92,7 +93,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn_mask.requires_grad and torch.is_grad_enabled())
     shapes_ok = query.dim() == 4 and key.shape == value.shape and query.shape[-1] == key.shape[-1] and (
         enable_gqa or query.shape[1] == key.shape[1]) and _HAS_FLASH_CPU
-    if (gemm_dtype(dtype, query.device) == dtype or dropout_p > 0 or not mask_ok or not shapes_ok
+    if (attention_dtype(dtype, query.device) == dtype or dropout_p > 0 or not mask_ok or not shapes_ok
             or key.dtype != dtype or value.dtype != dtype):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **opts)
     if attn_mask is not None:  # an additive fp32 bias, as torch's function hands a bool mask to this kernel

@@ -16,8 +16,9 @@ The swaps (the loss swap here, the others and their table rows in `sftfuse.patch
   -100 ignored, mean over labelled tokens or sum / `num_items_in_batch`. Calling the head module means a tied head
   uses the tied embedding, and FSDP (which gathers a module's parameters in its pre-forward hook and hooks the
   backward on that module's outputs) sees an ordinary call, never a read of a still-sharded attribute. In eval
-  mode, without labels, with `logits_to_keep`, `return_dict=False` or TRL's `fused_lm_head`, the original
-  forward runs unchanged, so evaluation and `generate()` are as before.
+  mode, without labels, with `logits_to_keep`, `return_dict=False` or TRL's `fused_lm_head` (unless
+  `trl_head=True`: `sftfuse.patch.trl`), the original forward runs unchanged, so evaluation and `generate()` are
+  as before.
 - lora: a PEFT LoRA `Linear` (over `nn.Linear`, bitsandbytes NF4 `Linear4bit` or sftfuse `NF4Linear`) computes
   `lora_linear(x, base, A, B, scaling, bias=, dropout=)` on the same parameters, in the base's compute dtype (PEFT
   upcasts activations to its fp32 adapters; lora_linear casts the adapters down, unless its GEMMs run in fp32
@@ -34,7 +35,7 @@ The swaps (the loss swap here, the others and their table rows in `sftfuse.patch
   saving its 16-bit input and one fp32 scale per row instead of fp32 copies of the activations.
 - attention: a family's attention module whose `config._attn_implementation` is "sdpa" runs its own forward
   with torch's `scaled_dot_product_attention` answered by `sftfuse.ops.attention.scaled_dot_product_attention`
-  (fp32 on CPUs where fp32 GEMMs are faster: the 16-bit inputs, the fp32 output and its lse saved). The answer
+  (fp32 on CPUs where its measured time says so: the 16-bit inputs, the fp32 output and its lse saved). The answer
   comes from a `TorchFunctionMode` entered around that module's call only, on CPU inputs: no function is
   replaced anywhere, so other modules, models and threads see torch's own. Eager and flash implementations are
   left alone (they do not call it; Gemma-2's attention softcap needs eager).
@@ -107,6 +108,11 @@ def _uninstall(module: nn.Module) -> bool:
 
 
 def _causal_lm_forward(model, original, state, *args, **kwargs):
+    if kwargs.get("fused_lm_head") and state.get("trl_head") and model.training:
+        from sftfuse.patch.trl import trl_head_forward
+
+        call = dict(zip(state["arg_names"], args, strict=False))
+        return trl_head_forward(model, original, state, {**call, **kwargs}, args, kwargs)
     if not model.training or kwargs.get("fused_lm_head") or kwargs.get("return_dict") is False:
         return original(*args, **kwargs)
     call = dict(zip(state["arg_names"], args, strict=False))
@@ -174,14 +180,14 @@ def _check_loss(model, strict: bool) -> str | None:
     return None
 
 
-def _patch_loss(model) -> list[tuple[str, nn.Module, str]]:
+def _patch_loss(model, trl_head: bool = False) -> list[tuple[str, nn.Module, str]]:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     family = family_of(model)
     names = {f.name for f in fields(CausalLMOutputWithPast)}
     original = model.__dict__[_RECORD].original if _RECORD in model.__dict__ else model.forward
     params = inspect.signature(original).parameters.values()
-    state = dict(family=family, output_cls=CausalLMOutputWithPast,
+    state = dict(family=family, output_cls=CausalLMOutputWithPast, trl_head=trl_head,
                  cache_field=next((n for n in ("cache", "past_key_values") if n in names), None),
                  arg_names=[p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
     head = getattr(model, family.lm_head)
@@ -221,6 +227,8 @@ class PatchReport:
     family: str | None = None
     swapped: list[PatchEntry] = field(default_factory=list)
     skipped: list[PatchEntry] = field(default_factory=list)
+    cpu_plan: str | None = None  # a CPU model: the per-CPU choices the ops make (`sftfuse.kernels._cpu.cpu_plan`)
+    notes: list[str] = field(default_factory=list)  # what the table cannot say (e.g. a loss that bypasses ours)
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """(status, module type, op or reason) -> number of modules."""
@@ -235,12 +243,15 @@ class PatchReport:
         lines = [f"sftfuse patch report (family: {self.family or 'unknown'})",
                  f"{'status':<11} {'count':>5}  {'module':<24} op / reason"]
         lines += [f"{s:<11} {n:>5}  {t:<24} {what}" for (s, t, what), n in self.counts().items()]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.cpu_plan:
+            lines.append(self.cpu_plan)
         return "\n".join(lines)
 
 
 def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = True, nf4: bool = True,
                 mlp: bool | str = True, rms_norm: bool = True, attention: bool = True,
-                strict: bool = False) -> PatchReport:
+                strict: bool = False, trl_head: bool = False) -> PatchReport:
     """Swap sftfuse's fused ops into `model` (this instance only) and report what was swapped.
 
     Args:
@@ -261,6 +272,9 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
             sftfuse's (fp32 on CPUs where that is faster; see the module docstring). Only while autograd records.
         strict: raise ValueError (naming the supported families) when the model's family has no table row,
             instead of patching only the generic parts.
+        trl_head: answer TRL SFTTrainer's `fused_lm_head=True` calls with sftfuse's loss (`sftfuse.patch.trl`; TRL's
+            entropy and token-accuracy metrics then log NaN). Off, TRL's own head computes the loss: the report
+            says so when it finds TRL's head on the model. Patch after building the trainer.
 
     Returns:
         PatchReport. Patching twice is the same as patching once; `unpatch_model` undoes it.
@@ -287,11 +301,31 @@ def patch_model(model: nn.Module, *, cross_entropy: bool = True, lora: bool = Tr
         entry.op = swap.op
         report.swapped.append(entry)
         if swap.kind == "cross_entropy":
-            for sub, head, op in _patch_loss(module):
+            for sub, head, op in _patch_loss(module, trl_head):
                 report.swapped.append(PatchEntry(f"{name}.{sub}" if name else sub, swap.kind, type(head).__name__, op))
         elif swap.impl is not None:
             _install(module, swap.impl, swap.state(module, {"mlp": mlp}) if swap.state else None)
+    _note_trl(model, report, trl_head)
+    if report.swapped and any(p.device.type == "cpu" for p in model.parameters()):
+        from sftfuse.kernels._cpu import cpu_plan
+
+        report.cpu_plan = str(cpu_plan())  # measured once per process: the same choices every op makes
     return report
+
+
+def _note_trl(model: nn.Module, report: PatchReport, trl_head: bool) -> None:
+    from sftfuse.patch.trl import has_trl_head
+
+    if not any(e.kind == "cross_entropy" for e in report.swapped):
+        return
+    if not any(has_trl_head(m) for m in model.modules()):
+        return
+    if trl_head:
+        report.notes.append("TRL's fused LM head found: its training calls run sftfuse's linear_cross_entropy "
+                            "(trl_head=True; TRL's entropy and mean_token_accuracy metrics log NaN)")
+    else:
+        report.notes.append("TRL's fused LM head found: TRL computes the loss with its own head and "
+                            "linear_cross_entropy is bypassed; patch_model(..., trl_head=True) makes it reachable")
 
 
 def _unpatch_one(module: nn.Module) -> int:

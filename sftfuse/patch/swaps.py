@@ -273,7 +273,7 @@ SWAPS = (
     Swap("rms_norm", _is_rms_norm, lambda m, strict: _check_norm(m), _norm_forward, "rms_norm",
          lambda m, opts: {"rule": family_class_of(m, "norm_class").norm_rule}),
     Swap("attention", _is_attention, lambda m, strict: _check_attention(m), _attention_forward,
-         "scaled_dot_product_attention (fp32 on CPU)"),
+         "scaled_dot_product_attention (CPU dtype: see the CPU plan)"),
     Swap("lora", _is_peft_lora_linear, lambda m, strict: _check_lora(m), _lora_forward, "lora_linear"),
     Swap("lora", _is_lora_linear, lambda m, s: None, None, "lora_linear (native)"),
     Swap("nf4", _is_bnb_4bit, lambda m, strict: _check_nf4(m), _nf4_forward, "nf4_matmul"),

@@ -1,4 +1,4 @@
-"""sftfuse.kernels._cpu: the per-process choice of the GEMM dtype survives a burst of load on the host."""
+"""sftfuse.kernels._cpu: the per-process choices survive a burst of load on the host, and the plan says them."""
 
 from __future__ import annotations
 
@@ -30,9 +30,13 @@ def test_a_load_burst_does_not_flip_the_gemm_dtype(monkeypatch, burst):
     """A burst covering as many runs as one side used to take on its own (5 with the sequential measurement) left
     that side with no clean run: on an AMX host it made bf16 look slower than fp32. Alternating runs keep clean ones
     on both sides, so the choice is the one measured on a quiet clock."""
-    quiet = _cpu.fp32_gemm_is_faster.__wrapped__(torch.bfloat16)
+    def fp32_wins():
+        native, wide = _cpu._measure_gemm(torch.bfloat16)
+        return wide < _cpu._MARGIN * native
+
+    quiet = fp32_wins()
     _burst_clock(monkeypatch, burst)
-    assert _cpu.fp32_gemm_is_faster.__wrapped__(torch.bfloat16) == quiet
+    assert fp32_wins() == quiet
 
 
 def test_best_pair_alternates_and_keeps_each_best():
@@ -40,3 +44,29 @@ def test_best_pair_alternates_and_keeps_each_best():
     best = _cpu._best_pair(lambda: calls.append("a"), lambda: calls.append("b"), reps=4)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then the order swaps each round
     assert all(0 <= t < 0.1 for t in best)
+
+
+def test_plan_applies_its_choices_and_says_them(monkeypatch):
+    """The plan's GEMM and attention dtypes are the ones the ops ask for, its rates are the measured ones, and the
+    override switches both dtypes at once."""
+    plan = _cpu.cpu_plan()
+    assert plan.gemm == _cpu.gemm_dtype(torch.bfloat16) and plan.attention == _cpu.attention_dtype(torch.bfloat16)
+    m, k, n = _cpu._GEMM_SHAPE
+    assert plan.bf16_gflops == pytest.approx(2 * m * k * n / _cpu.gemm_times(torch.bfloat16)[0] / 1e9)
+    assert plan.best_gflops == max(plan.bf16_gflops, plan.fp32_gflops) > 0
+    text = str(plan)
+    assert plan.kind in text and "GEMMs in" in text and "attention" in text and "NF4 decode" in text
+    tile, step = _cpu.nf4_tiles()
+    assert tile & (tile - 1) == 0 and step & (step - 1) == 0 and step <= tile
+    for choice, dtype in (("fp32", torch.float32), ("native", torch.bfloat16)):
+        monkeypatch.setenv("SFTFUSE_CPU_GEMM", choice)
+        assert _cpu.gemm_dtype(torch.bfloat16) == _cpu.attention_dtype(torch.bfloat16) == dtype
+    assert _cpu.attention_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # GPUs are not this file's business
+
+
+@pytest.mark.parametrize("cap,kind", [("", "AMX-BF16"), ("AVX512_CORE_BF16", "AVX512-BF16 (no AMX)"),
+                                      ("AVX512_CORE_AMX", "AMX-BF16")])
+def test_cpu_kind_follows_the_onednn_cap(monkeypatch, cap, kind):
+    monkeypatch.setattr(_cpu.Path, "read_text", lambda self: "flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert _cpu.cpu_kind().startswith(kind)

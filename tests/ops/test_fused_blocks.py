@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftfuse.kernels.gated_mlp import act_fwd
-from sftfuse.kernels.lora import dropout_mask, lora_linear_ref, new_seed
+from sftfuse.kernels.lora import keep_mask, lora_linear_ref, new_seed
 from sftfuse.kernels.rms_norm import rms_norm_ref
 from sftfuse.ops.attention import scaled_dot_product_attention
 from sftfuse.ops.lora_mlp import lora_mlp
@@ -56,7 +56,7 @@ def test_lora_mlp_matches_fp64(backend, dtype, act, p, nf4, recompute):
     y = lora_mlp(x, *[(b, A, B, 2.0, p) for b, _, A, B in projs], act=act, recompute=recompute)
     torch.manual_seed(77)
     seeds = [new_seed() if p > 0 else 0 for _ in range(3)]
-    keeps = [dropout_mask(s, 3 * M, k, p) if p > 0 else None for s, k in zip(seeds, (H, H, FF))]
+    keeps = [keep_mask(torch.empty(3 * M, k), s, p, R) for s, k in zip(seeds, (H, H, FF))]
     leaves = [x] + [t for _, _, A, B in projs for t in (A, B)]
     grads = torch.autograd.grad(y, leaves, dy)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from sftfuse.kernels.lora import _drop_mask, dropout_mask, lora_linear_ref, new_seed
+from sftfuse.kernels.dropout import drop_mask, pack_bits, unpack_bits
+from sftfuse.kernels.lora import cpu_drop_mask, dropout_mask, keep_mask, lora_linear_ref, new_seed
 from sftfuse.modules.linear import LoRALinear
 from sftfuse.ops.lora import lora_linear
 from tests.helpers import assert_close, randn
@@ -28,7 +29,7 @@ def _run(x, W, A, B, s, bias, p, dy):
     torch.manual_seed(1234)
     y = lora_linear(x, W, A, B, s, bias=bias, dropout=p)
     torch.manual_seed(1234)
-    keep = dropout_mask(new_seed(), x.shape[0], x.shape[1], p, device=x.device) if p > 0 else None
+    keep = keep_mask(x.detach(), new_seed(), p, A.shape[0])  # the path's own mask (None when p == 0)
     grads = torch.autograd.grad(y, (x, A, B), dy)
     return y, grads, keep
 
@@ -72,8 +73,48 @@ def test_dropout_mask_is_a_function_of_the_seed():
     # The mask of a sub-block equals the sub-block of the mask: it depends on (row, col) only, not on the size.
     assert torch.equal(dropout_mask(7, 30, 50, 0.3), a[:30, :50])
     assert dropout_mask(7, 30, 50, 0.0).all()
-    # The CPU path's table lookup gives the same bits as the arithmetic definition (and the kernels).
-    assert torch.equal(~_drop_mask(7, 300, 500, 0.3, a.device), a)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_cpu_drop_mask_rate_seed_and_bits(p):
+    """The PyTorch path's mask: drop rate p (within 2^-17 plus a 5-sigma bound over 1.2 M draws, per row and column
+    too), a pure function of the seed, and bits that unpack to the same mask at odd sizes."""
+    M, K = 1031, 1152  # odd rows; 1152 columns: each of the 4 draws of a 64-bit word feeds its own column class
+    a = cpu_drop_mask(11, M, K, p)
+    assert a.dtype == torch.bool and a.shape == (M, K)
+    assert torch.equal(a, cpu_drop_mask(11, M, K, p)) and not torch.equal(a, cpu_drop_mask(12, M, K, p))
+    sd = math.sqrt(p * (1 - p))
+    assert abs(a.float().mean().item() - p) < 5 * sd / math.sqrt(M * K) + 2**-17
+    assert a.float().mean(1).sub(p).abs().max() < 5 * sd / math.sqrt(K) + 0.01  # no row is stuck
+    for lane in range(4):  # every 16-bit lane of the 64-bit words drops at rate p (a full-range draw)
+        assert abs(a.view(-1)[lane::4].float().mean().item() - p) < 5 * sd / math.sqrt(M * K / 4) + 2**-17
+    assert not cpu_drop_mask(11, 30, 50, 0.0).any()
+    for n in (1, 7, 8, 37 * 29):
+        full = drop_mask(5, n, p)
+        assert full.numel() % 8 == 0 and full.numel() >= n
+        bits = pack_bits(full)
+        assert bits.numel() == full.numel() // 8
+        assert torch.equal(unpack_bits(bits, 1, n)[0], full[:n])
+
+
+def test_forward_and_backward_use_the_same_cpu_mask():
+    """On the PyTorch path the forward draws the mask once and the backward reuses its bits: with the default
+    generator moved on between forward and backward (other layers draw seeds meanwhile), dA still matches the
+    reference at the forward's mask, and x's gradient is zero exactly where the mask dropped x (B = 0 rows aside)."""
+    M, K, N, r, p = 45, 64, 24, 8, 0.5
+    x = randn(M, K, requires_grad=True)
+    W, A, B = randn(N, K), randn(r, K, requires_grad=True), randn(N, r, requires_grad=True)
+    torch.manual_seed(3)
+    y = lora_linear(x, W * 0, A, B, 1.0, dropout=p)  # zero base: dx is the adapter's term alone
+    torch.manual_seed(3)
+    keep = keep_mask(x.detach(), new_seed(), p, r)
+    torch.rand(1000)  # the default generator moves on before the backward
+    dx, dA = torch.autograd.grad(y, (x, A), torch.ones(M, N))
+    assert torch.equal(dx != 0, keep)
+    A64 = A.detach().double().requires_grad_()
+    ref = torch.autograd.grad(lora_linear_ref(x.detach(), W * 0, A64, B.detach(), 1.0, keep=keep, p=p, upcast=True),
+                              A64, torch.ones(M, N, dtype=torch.float64))[0]
+    assert_close(dA, ref, name="dA")
 
 
 def test_dropout_expectation_over_seeds(backend):
@@ -99,7 +140,8 @@ def test_saves_x_and_t_only():
     params = {t.untyped_storage().data_ptr() for t in (W, A, B)}
     acts = {t.untyped_storage().data_ptr(): t for t in saved if t.untyped_storage().data_ptr() not in params}
     assert x.untyped_storage().data_ptr() in acts
-    assert sum(t.untyped_storage().nbytes() for t in acts.values()) == (M * K + M * r) * 4
+    # x, t and, on the PyTorch path, the dropout mask as bits (one bit per element of x, rounded up to a byte)
+    assert sum(t.untyped_storage().nbytes() for t in acts.values()) == (M * K + M * r) * 4 + M * K // 8
 
 
 def test_3d_input_no_base_grad_and_bias_grad(backend):
@@ -257,7 +299,7 @@ def test_frozen_input_gets_no_grad_and_adapters_still_train(backend):
     torch.manual_seed(5)
     dA, dB = torch.autograd.grad(lora_linear(x, W, A, B, 1.5, dropout=0.2), (A, B), dy)
     torch.manual_seed(5)
-    keep = dropout_mask(new_seed(), 21, 40, 0.2)
+    keep = keep_mask(x, new_seed(), 0.2, 8)
     A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
     ref = torch.autograd.grad(lora_linear_ref(x, W, A64, B64, 1.5, keep=keep, p=0.2, upcast=True), (A64, B64),
                               dy.double())

@@ -54,7 +54,7 @@ def test_convergence_matches_unpatched(family, mode):
     assert report.family == family
     assert [e.reason for e in report.skipped] == [EAGER_SKIP] * 2 * (ATTN[family] == "eager")
     ops = {"linear_cross_entropy", "lora_linear", "lora_mlp", "rms_norm"}
-    assert {e.op for e in report.swapped} >= ops | ({"scaled_dot_product_attention (fp32 on CPU)"}
+    assert {e.op for e in report.swapped} >= ops | ({"scaled_dot_product_attention (CPU dtype: see the CPU plan)"}
                                                      if ATTN[family] == "sdpa" else set())
     ref_losses, ref_w = train(ref_model, batches)
     losses, w = train(patched, batches)
@@ -144,7 +144,7 @@ def test_attention_swap_trains_as_unpatched_in_bf16(monkeypatch):
     fp32_model, patched = copy.deepcopy(ref_model).float(), copy.deepcopy(ref_model)
     calls = count_calls(monkeypatch, "scaled_dot_product_attention", attention)
     report = patch_model(patched, cross_entropy=False, lora=False, mlp=False, rms_norm=False, strict=True)
-    assert [e.op for e in report.swapped] == ["scaled_dot_product_attention (fp32 on CPU)"] * 2
+    assert [e.op for e in report.swapped] == ["scaled_dot_product_attention (CPU dtype: see the CPU plan)"] * 2
 
     def grads(model):  # one backward: AdamW's updates hardly see a gradient's scale, the gradients do
         model(**sft_batch(seed=9)).loss.backward()
