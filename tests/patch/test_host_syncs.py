@@ -63,7 +63,5 @@ def test_no_host_sync_per_layer(step_syncs):
     assert not outside_loss, outside_loss
 
 
-@pytest.mark.xfail(reason="the cross-entropy launcher's label nonzero and min/max reads (3 syncs per loss call) are "
-                          "removed by the issue-14 cross-entropy work (engineer i14a), merged separately", strict=False)
 def test_at_most_one_host_sync_per_loss_call(step_syncs):
     assert len(step_syncs) <= 1, step_syncs
