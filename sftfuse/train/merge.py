@@ -68,8 +68,8 @@ def resolve_mode(merge_into: str, note: dict | None) -> str:
         raise ValueError(f"merge_into={merge_into!r}: expected auto, 16bit or nf4")
     quantized = note is not None and note.get("quant") == "nf4"
     if merge_into == "nf4" and not quantized:
-        why = "its training_base.json says a 16-bit base" if note else f"it has no {ad.TRAINING_BASE}"
-        raise ValueError(f"--merge-into nf4: the adapter was not trained on a 4-bit base ({why}); use 16bit")
+        raise ValueError(f"--merge-into nf4: the adapter was not trained on a 4-bit base (its {ad.TRAINING_BASE} "
+                         "says a 16-bit one); use 16bit")
     if merge_into == "auto":
         return DEFAULT_QLORA_MODE if quantized else "16bit"
     return merge_into
@@ -164,10 +164,14 @@ def merge(adapter_dir, *, base_model: str | None = None, merge_into: str = "auto
         raise ValueError(f"fidelity_rows={fidelity_rows}: expected >= 0")
     tensors, config = ad.read_adapter(adapter_dir)
     note = ad.read_training_base(adapter_dir)
-    mode = resolve_mode(merge_into, note)
-    if note is None:
-        log.warning("%s has no %s (written by another tool or an older sftfuse): assuming a 16-bit fp32 base",
+    if note is None and merge_into == "nf4":  # e.g. PEFT's own save of a QLoRA run: sftfuse's NF4 defaults
+        note = ad.training_base(qlora=True, dtype=torch.bfloat16)
+        log.warning("%s has no %s: assuming NF4 (block 64, double quantization) computing in bfloat16",
                     adapter_dir, ad.TRAINING_BASE)
+    elif note is None:
+        log.warning("%s has no %s (written by another tool or an older sftfuse): assuming a 16-bit fp32 base "
+                    "(--merge-into nf4 if it was trained on sftfuse's 4-bit base)", adapter_dir, ad.TRAINING_BASE)
+    mode = resolve_mode(merge_into, note)
     src = _base_source(config, base_model)
     base, tok = load_model_and_tokenizer(src, dtype=torch.float32)
     base.eval()

@@ -104,6 +104,8 @@ def test_training_base_note_is_checked(tiny_dir, tmp_path):
     (path / ad.TRAINING_BASE).unlink()
     assert ad.read_training_base(path) is None
     assert mg.resolve_mode("auto", None) == "16bit"
+    res = mg.merge(path, merge_into="nf4", fidelity_rows=2)  # no note: sftfuse's NF4 defaults, bf16 compute
+    assert res.mode == "nf4" and res.training_base["dtype"] == "bfloat16"
 
 
 def test_fidelity_examples_cap_rows(tiny_dir):
