@@ -9,6 +9,7 @@ by the quantization error, which the figures must show.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -114,3 +115,33 @@ def test_fidelity_examples_cap_rows(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     assert len(mg.fidelity_examples(tok, rows=5)) == 5
     assert len(_rows("validation", 5)) == 5
+
+
+def test_nf4_merge_reproduces_the_model_as_trained(tiny_dir, data_dir, tmp_path):
+    """A real QLoRA run (fp32 compute, so rounding stays out of the way): the trainer writes training_base.json, and
+    the nf4 merge rebuilt from it gives the trained model's logits (the NF4 base + LoRA layers the optimizer
+    updated), while the 16bit merge does not."""
+    from sftfuse.train.config import load_config
+    from sftfuse.train.trainer import Trainer
+    from tests.train.common import _overrides
+
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(tiny_dir, data_dir, out, qlora=True, dtype="fp32", max_steps=3, lr=3e-2,
+                                       eval_interval=0, checkpoint_interval=0, grad_accum=1))
+    t = Trainer(cfg, quiet=True)
+    try:
+        t.setup()
+        t.train()
+        trained = copy.deepcopy(t.model).eval()
+        t.finish()
+    finally:
+        t.cleanup()
+    assert json.loads((out / "adapter" / ad.TRAINING_BASE).read_text()) == {
+        "quant": "nf4", "blocksize": 64, "double_quant": True, "dtype": "float32"}
+    ids = torch.tensor([[5, 17, 250, 3, 99, 41, 7]])
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        nf4 = mg.merge(out / "adapter", merge_into="nf4", fidelity_rows=0).model(input_ids=ids).logits
+        w16 = mg.merge(out / "adapter", merge_into="16bit", fidelity_rows=0).model(input_ids=ids).logits
+    err_nf4, err_16 = (nf4 - want).abs().max().item(), (w16 - want).abs().max().item()
+    assert err_nf4 < 1e-4 and err_16 > 100 * err_nf4, (err_nf4, err_16)
