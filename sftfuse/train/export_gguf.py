@@ -276,7 +276,10 @@ def export(adapter_dir, out, *, kind: str = "f16", base_model: str | None = None
     merged = merge(adapter_dir, base_model=base_model, merge_into=merge_into, fidelity_rows=fidelity_rows,
                    validation_file=validation_file)
     fields = vocab_fields_for(merged.tok, merged.model, merged.base_source)
-    name = f"{merged.model.config.name_or_path or 'model'} + {Path(adapter_dir).resolve().name} ({merged.mode} merge)"
+    from sftfuse.train.adapter import DEFAULT_MODEL_ID
+
+    base = Path(str(merged.base_source or DEFAULT_MODEL_ID)).name.removesuffix(".gguf")  # no local path in the file
+    name = f"{base} + {Path(adapter_dir).resolve().name} ({merged.mode} merge)"
     path = write_gguf(merged.model, fields, out, kind=kind, name=name, overwrite=overwrite)
     check = None
     if check_rows:
