@@ -5,7 +5,9 @@
 way PEFT writes it (`adapter_config.json` + `adapter_model.safetensors`, keys
 `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r)), so
 `peft.PeftModel.from_pretrained(original_model, adapter_dir)` loads it without sftfuse. `merge_lora_` folds
-`W + scaling * B @ A` into plain `nn.Linear` layers (dequantizing NF4 bases first), giving an ordinary HF model.
+`W + scaling * B @ A` into plain `nn.Linear` layers (dequantizing NF4 bases first), giving an ordinary HF model;
+`merge_tensors_into_` folds a saved adapter into a plain model (`sftfuse merge`: train/merge.py). Beside the adapter,
+`training_base.json` notes the base it was trained against (16-bit or NF4, dtype), which a faithful merge rebuilds.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from sftfuse.train import outdir as od
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# sftfuse's note of the base the adapter was trained against (PEFT ignores the file; an unknown key in
+# adapter_config.json would make PEFT warn "upgrade PEFT"): {"quant": "nf4" | null, "blocksize", "double_quant",
+# "dtype"}. `sftfuse merge` rebuilds that base from it: NF4(W in `dtype`) computing in `dtype`.
+TRAINING_BASE = "training_base.json"
 PEFT_PREFIX = "base_model.model."
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _lora_cls():
@@ -96,9 +103,35 @@ def peft_config(*, r: int, lora_alpha: float, lora_dropout: float, target_module
             "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model}
 
 
+def training_base(*, qlora: bool, dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """What `TRAINING_BASE` records: the frozen base was `quantize_model(model.to(dtype), compute_dtype=dtype)`
+    (qlora) or the 16-bit model in `dtype`."""
+    return {"quant": "nf4" if qlora else None, "blocksize": int(blocksize), "double_quant": bool(double_quant),
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def read_training_base(adapter_dir: str | Path) -> dict | None:
+    """The adapter's `TRAINING_BASE` note, or None when it has none (written by another tool or an older sftfuse)."""
+    path = Path(adapter_dir) / TRAINING_BASE
+    if not path.exists():
+        return None
+    try:
+        note = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(note, dict) or note.get("quant") not in (None, "nf4") or note.get("dtype") not in _DTYPES:
+        raise ValueError(f"{path}: expected {{'quant': 'nf4' or null, 'dtype': one of {sorted(_DTYPES)}, ...}}")
+    return note
+
+
+def base_dtype(note: dict) -> torch.dtype:
+    return _DTYPES[note["dtype"]]
+
+
 def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
-                  overwrite: bool = False) -> Path:
-    """Write `tensors` and `config` to `out_dir` whole (a temporary sibling, fsynced, swapped in; `outdir`).
+                  overwrite: bool = False, training_base: dict | None = None) -> Path:
+    """Write `tensors` and `config` (and the `training_base` note) to `out_dir` whole (a temporary sibling,
+    fsynced, swapped in; `outdir`).
 
     Raises:
         OutputError: `out_dir` holds files sftfuse did not write and `overwrite` is false.
@@ -110,6 +143,8 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
     try:
         od.save_tensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         od.write_file(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        if training_base is not None:
+            od.write_file(tmp / TRAINING_BASE, json.dumps(training_base, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -193,37 +228,3 @@ def merge_tensors_into_(model: nn.Module, tensors: dict[str, torch.Tensor], conf
     if not merged:
         raise ValueError("adapter holds no lora_A/lora_B tensors")
     return merged
-
-
-def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None,
-                      overwrite: bool = False) -> Path:
-    """`sftfuse merge`: load the adapter's base model, fold the adapter in, save safetensors + tokenizer.
-
-    `out_dir` is replaced whole, and only when it is missing, empty, an earlier `sftfuse merge`'s output holding
-    nothing else, or `overwrite` is true.
-
-    Raises:
-        OutputError: `out_dir` holds files sftfuse did not write (checked before the model loads).
-        DiskFullError: the disk filled up (the temporary is removed, a previous `out_dir` is untouched).
-    """
-    from sftfuse.train.models import load_model_and_tokenizer
-
-    out_dir = Path(out_dir)
-    if out_dir.resolve() in (Path(adapter_dir).resolve(), *Path(adapter_dir).resolve().parents):
-        raise od.OutputError(f"{out_dir}: the merged model would replace the adapter {adapter_dir} it is made from; "
-                             "choose another directory")
-    od.check_target(out_dir, overwrite=overwrite)
-    od.clean_stale(out_dir.parent)
-    tensors, config = read_adapter(adapter_dir)
-    src = base_model or config.get("base_model_name_or_path")
-    model, tok = load_model_and_tokenizer(None if src in (None, DEFAULT_MODEL_ID) else src)
-    merge_tensors_into_(model, tensors, config)
-    tmp = od.staging_dir(out_dir.parent, out_dir.name)
-    try:
-        with od.disk_errors(tmp):
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return od.replace_dir(tmp, out_dir, overwrite=overwrite)

@@ -1,4 +1,4 @@
-"""The `sftfuse` command: train, data-check, merge, verify.
+"""The `sftfuse` command: train, data-check, merge, export-gguf, chat, verify.
 
 What a user can cause or meet (a bad option or config file, a bad row, a missing file, a full disk, Ctrl-C) ends in
 one line, `error: <message>` on stderr, never a traceback; the exit code is 2 for a usage or config error (found
@@ -89,11 +89,48 @@ def _train(args) -> int:
 
 
 def _merge(args) -> int:
-    from sftfuse.train.adapter import merge_adapter_dir
+    from sftfuse.train import merge
 
-    out = merge_adapter_dir(args.adapter_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
-    print(f"merged model written to {out}")
+    out, res = merge.merge_adapter_dir(args.adapter_dir, args.out_dir, base_model=args.base_model,
+                                       overwrite=args.overwrite, merge_into=args.merge_into,
+                                       fidelity_rows=args.fidelity_rows, validation_file=args.validation)
+    print("\n".join(res.fidelity_lines() + [f"merged model ({res.mode} merge) written to {out}"]))
     return 0
+
+
+def _export_gguf(args) -> int:
+    from sftfuse.train.export_gguf import export
+
+    path, res, check = export(args.adapter_dir, args.out, kind=args.type, base_model=args.base_model,
+                              merge_into=args.merge_into, overwrite=args.overwrite, fidelity_rows=args.fidelity_rows,
+                              validation_file=args.validation, check_rows=args.check_rows)
+    lines = res.fidelity_lines() + [f"GGUF ({args.type}, {res.mode} merge) written to {path} "
+                                    f"({path.stat().st_size / 2**20:.1f} MiB)"]
+    if check:
+        lines.append(f"read back by transformers: logits cosine >= {check['cosine_min']:.6f} and top-1 agreement "
+                     f"{100 * check['top1']:.2f}% vs the merged model over {check['rows']} rows; tokenization "
+                     + ("the same" if check["tokenization_same"] else
+                        f"DIFFERS on {check['texts_differing']} of {check['texts']} texts"))
+    print("\n".join(lines))
+    return 0
+
+
+def _chat(args) -> int:
+    from sftfuse.train.chat import run_chat
+
+    return run_chat(args)
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", "--model", dest="base_model",
+                   help="base model path (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--merge-into", choices=("auto", "16bit", "nf4"), default="auto",
+                   help="for an adapter trained on a 4-bit base: merge into the 16-bit weights W or into "
+                        "dequant(NF4(W)), what it was trained against (auto: nf4 for such adapters, else 16bit)")
+    p.add_argument("--fidelity-rows", type=int, default=32,
+                   help="validation rows to measure the merge on (KL and top-1 vs the adapter on its training "
+                        "base); 0 skips it (default 32)")
+    p.add_argument("--validation", help="validation file for the measurement (default: the bundled split)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -159,9 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     p.add_argument("adapter_dir", help="an adapter/ directory written by sftfuse train (PEFT format)")
     p.add_argument("out_dir", help="where to write the merged model and tokenizer")
-    p.add_argument("--base-model", help="base model path (default: the adapter's base_model_name_or_path)")
+    _add_merge_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an out_dir that sftfuse did not write")
     p.set_defaults(fn=_merge)
+    p = sub.add_parser("export-gguf", help="merge an adapter and write one GGUF file (llama.cpp, Ollama, LM Studio)",
+                       allow_abbrev=False)
+    p.add_argument("adapter_dir", help="an adapter/ directory written by sftfuse train (PEFT format)")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", choices=("f16", "bf16", "q8_0"), default="f16", help="weight type (default f16)")
+    _add_merge_args(p)
+    p.add_argument("--check-rows", type=int, default=8,
+                   help="validation rows to compare the file, read back by transformers, with the merged model; "
+                        "0 skips the check (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(fn=_export_gguf)
+    p = sub.add_parser("chat", help="chat with a tuned model (an adapter, a merged model or a .gguf file)",
+                       allow_abbrev=False)
+    p.add_argument("path", nargs="?", help="adapter directory, merged model directory or .gguf file "
+                                           "(default: the base model)")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--file", help="a JSONL file of prompts ({\"prompt\": ...} or {\"messages\": [...]} per line); "
+                                  "one JSON answer per line on stdout")
+    p.add_argument("--model", help="the base model of an adapter (default: its base_model_name_or_path)")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampled")
+    p.set_defaults(fn=_chat)
     p = sub.add_parser("data-check", help="validate a dataset file and print its data-quality report",
                        allow_abbrev=False)
     p.add_argument("file", help=".jsonl, .json, .csv, .parquet or a datasets directory")

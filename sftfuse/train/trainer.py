@@ -172,6 +172,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
+        self.training_base = ad.training_base(qlora=cfg.qlora, dtype=self.dtype)  # `sftfuse merge` rebuilds it
         if cfg.qlora:
             from sftfuse.modules.quantize import quantize_model
 
@@ -314,7 +315,8 @@ class Trainer:
         if math.isfinite(val) and (self.best_val is None or val < self.best_val - 1e-4):
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
             if self.rank == 0:
-                ad.write_adapter(self.out / "best_adapter", self._adapter_tensors(), self._adapter_config())
+                ad.write_adapter(self.out / "best_adapter", self._adapter_tensors(), self._adapter_config(),
+                                 training_base=self.training_base)
             return False
         self.bad_evals += 1
         if self.cfg.patience and self.bad_evals >= self.cfg.patience:
@@ -381,7 +383,8 @@ class Trainer:
                 self.log(f"keeping the adapter of step {self.best_step} (best validation loss {self.best_val:.4f})")
             else:
                 tensors = self._adapter_tensors()
-            res.adapter_dir = ad.write_adapter(self.out / "adapter", tensors, self._adapter_config())
+            res.adapter_dir = ad.write_adapter(self.out / "adapter", tensors, self._adapter_config(),
+                                               training_base=self.training_base)
         self.ctl.barrier()
         if self.rank != 0:
             return res

@@ -87,12 +87,14 @@ def test_safety_flags_reach_train_and_merge(calls, capsys, monkeypatch):
     assert _run(["train"], capsys)[0] == 0
     assert calls[-1][1] == {"resume": False, "overwrite": False, "allow_config_change": False}
 
-    import sftfuse.train.adapter as adapter
+    import sftfuse.train.merge as merge
 
     merged = []
-    monkeypatch.setattr(adapter, "merge_adapter_dir", lambda a, o, **kw: merged.append((a, o, kw)) or Path(o))
+    done = merge.Merged(model=None, tok=None, mode="16bit", training_base=None)
+    monkeypatch.setattr(merge, "merge_adapter_dir", lambda a, o, **kw: merged.append((a, o, kw)) or (Path(o), done))
     assert _run(["merge", "ad", "out", "--overwrite"], capsys)[0] == 0
-    assert merged[-1] == ("ad", "out", {"base_model": None, "overwrite": True})
+    assert merged[-1] == ("ad", "out", {"base_model": None, "overwrite": True, "merge_into": "auto",
+                                        "fidelity_rows": 32, "validation_file": None})
     assert _run(["merge", "ad", "out"], capsys)[0] == 0
     assert merged[-1][2]["overwrite"] is False
 
