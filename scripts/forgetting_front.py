@@ -4,7 +4,9 @@ Each run is an ordinary `sftfuse train ... output_dir=DIR`; this reads every DIR
 of a run) and writes `OUT.md` (a table: the options that differ from the defaults, task gain, worst family, the
 three forgetting figures, time) and `OUT.png` (gain against the probe's NLL rise, one labelled point per run).
 
-    python scripts/forgetting_front.py RUN_DIR [RUN_DIR ...] --out bench/results/forgetting [--cpu "..."]
+    python scripts/forgetting_front.py RUN_DIR[:NOTE] [RUN_DIR[:NOTE] ...] --out bench/results/forgetting [--cpu "..."]
+
+A NOTE (after a colon) is added to the run's setting, for what its config does not say (a different replay set).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ def _setting(cfg: dict) -> str:
     return " ".join(diff) or "(defaults)"
 
 
-def _row(run_dir: Path) -> dict:
+def _row(run_dir: Path, note: str = "") -> dict:
     res = json.loads((run_dir / "results.json").read_text())
     before, after, probe, run = res.get("before"), res.get("after"), res.get("probe") or {}, res["run"]
     fams = (after or {}).get("families", {})
     worst = min(((after["families"][f]["acc"] - before["families"][f]["acc"], f) for f in fams), default=None)
     answers = probe.get("answers") or {}
-    return {"setting": _setting(res.get("config", {})), "dir": str(run_dir),
+    return {"setting": _setting(res.get("config", {})) + (f" ({note})" if note else ""), "dir": str(run_dir),
             "gain": 100 * (after["mean_acc"] - before["mean_acc"]) if before and after else None,
             "before": 100 * before["mean_acc"] if before else None, "after": 100 * after["mean_acc"] if after else None,
             "worst": f"{worst[1]} {100 * worst[0]:+.1f}" if worst else "-",
@@ -86,15 +88,16 @@ def write(rows: list[dict], out: Path, cpu: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "forgetting")
     ap.add_argument("--cpu", default=platform.processor() or platform.machine())
     args = ap.parse_args(argv)
-    missing = [str(d) for d in args.runs if not (d / "results.json").exists()]
+    runs = [(Path(r.partition(":")[0]), r.partition(":")[2]) for r in args.runs]
+    missing = [str(d) for d, _ in runs if not (d / "results.json").exists()]
     if missing:
         print(f"no results.json (unfinished run?) in: {', '.join(missing)}", file=sys.stderr)
         return 2
-    write([_row(d) for d in args.runs], args.out, args.cpu)
+    write([_row(d, note) for d, note in runs], args.out, args.cpu)
     print(args.out.with_suffix(".md").read_text())
     return 0
 
