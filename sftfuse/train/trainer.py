@@ -186,6 +186,8 @@ class Trainer:
             from sftfuse.patch.patcher import patch_model
 
             self.patched = patch_model(self.model)
+            if self.patched.cpu_plan:  # the per-CPU choices (GEMM and attention dtype), and why
+                self.log(self.patched.cpu_plan)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
