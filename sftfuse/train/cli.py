@@ -89,9 +89,14 @@ def _train(args) -> int:
 
 
 def _merge(args) -> int:
+    from sftfuse.train import modes
     from sftfuse.train.adapter import merge_adapter_dir
 
-    out = merge_adapter_dir(args.adapter_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
+    kind = modes.merge_source_kind(args.adapter_dir)  # issue 19: a full fine-tune, or DoRA (PEFT merges it)
+    if kind == "full":
+        raise modes.nothing_to_merge(args.adapter_dir)
+    merge = modes.merge_dora_dir if kind == "dora" else merge_adapter_dir
+    out = merge(args.adapter_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
