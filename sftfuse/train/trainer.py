@@ -319,6 +319,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.quiet,
                    desc="train", unit="step", dynamic_ncols=True)
         t0, tokens, stopped, self.stop_reason = time.perf_counter(), 0, False, None
+        cpu0 = time.process_time()  # issue 19: CPU seconds of training, steadier than wall time on a shared host
         losses = []
         while self.step < self.total_steps and not stopped:
             rec = self._train_step()
@@ -344,6 +345,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.times["train"] = time.perf_counter() - t0
+        self.times["train_cpu"] = time.process_time() - cpu0
         self.train_tokens = tokens
         result.steps, result.losses, result.stopped_early = self.step, losses, stopped
         result.stop_reason, result.bad_steps = self.stop_reason, self.guard.total
@@ -395,7 +397,8 @@ class Trainer:
                "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads(),
                "patch_parity": self.parity.as_dict() if self.parity else None, "mode": cfg.mode,  # issue 19:
                "optimizer": self.opt_runs, "optimizer_state_bytes": op.state_bytes(self.opt),
-               "trainable_params": sum(p.numel() for p in self.params), "saved_bytes": md.dir_bytes(res.adapter_dir)}
+               "trainable_params": sum(p.numel() for p in self.params), "saved_bytes": md.dir_bytes(res.adapter_dir),
+               "train_cpu_seconds": self.times["train_cpu"]}
         res.report_path = rp.write_outputs(self.out, self.metrics.read(), cfg=cfg.to_dict(), data_md=self.data_md,
                                            before=self.before, after=res.after, probe=res.probe, run=run,
                                            adapter_dir=res.adapter_dir, quiet=self.quiet)
