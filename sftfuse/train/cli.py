@@ -102,7 +102,7 @@ def _merge(args) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from sftfuse.train.config import ALIASES, TrainConfig
+    from sftfuse.train.config import ALIASES, TrainConfig, field_types
 
     p.add_argument("--config", help="YAML file of option: value (see sftfuse/train/config.py)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
@@ -115,7 +115,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for name in TrainConfig.__dataclass_fields__:
         flag, value = f"--{name.replace('_', '-')}", getattr(defaults, name)
-        if isinstance(value, bool):  # a bare flag turns it on; `name=false` turns it off
+        if field_types()[name] in (bool, bool | None):  # a bare flag turns it on; `name=false` off (issue 19: by type,
+            # `qlora` defaults to None)
             opts.add_argument(flag, dest=f"opt_{name}", action="store_const", const="true", help=f"default: {value}")
         else:
             aliases = [f"--{a}" for a, target in ALIASES.items() if target == name]  # --data for --train-file
