@@ -232,3 +232,17 @@ def test_fp32_parameters_are_their_own_masters():
         masters[1].add_(1.0)
     masters_to_params(masters, [p32, p16])
     assert torch.equal(p16.float(), masters[1].detach().bfloat16().float())
+
+
+@pytest.mark.parametrize("mode", ["full", "dora"])
+def test_bf16_runs_pass_the_patch_parity_check(tiny_dir, data_dir, tmp_path, mode):
+    """The default recipe's dtype: bf16 compute with fp32 masters; the parity guard checks the mode's trained
+    tensors (a full fine-tune's head, norms and first/last layers; DoRA's A, B and magnitudes) and passes."""
+    cfg = _cfg(tiny_dir, data_dir, tmp_path / mode, mode=mode, patch=True, dtype="bf16", lr=1e-3, max_steps=2,
+               eval_interval=0, checkpoint_interval=0)
+    t, res = _run(cfg)
+    assert t.parity is not None and t.parity.ratio <= 1.0 and t.parity.n_grads > 0
+    assert {m.dtype for m in t.masters} == {torch.float32}
+    # full: the model's weights are bf16 and the masters copies; PEFT keeps DoRA's tensors in fp32 (their own masters)
+    assert {p.dtype for p in t.params} == {torch.bfloat16 if mode == "full" else torch.float32}
+    assert all(map(torch.isfinite, torch.tensor(res.losses)))
