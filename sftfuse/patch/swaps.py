@@ -82,6 +82,11 @@ def _check_lora(module: nn.Module) -> str | None:
     name = active[0]
     if name in getattr(module, "lora_variant", {}):
         return f"LoRA variant {type(module.lora_variant[name]).__name__} (e.g. DoRA) is left to PEFT"
+    # DoRA by its magnitude vector too: PEFT < 0.15 marked it with `use_dora` alone, and fused as plain LoRA it
+    # would silently drop the m / ||W + s B A|| row scale (issue 19; tests/patch/test_dora.py)
+    use_dora = getattr(module, "use_dora", None)
+    if name in getattr(module, "lora_magnitude_vector", {}) or (isinstance(use_dora, dict) and use_dora.get(name)):
+        return "DoRA (magnitude-scaled update) is left to PEFT"
     if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
         return "lora_bias is left to PEFT"
     if module.merged:

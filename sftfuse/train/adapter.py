@@ -213,6 +213,9 @@ def merge_lora_(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Mod
 @torch.no_grad()
 def merge_tensors_into_(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict) -> list[str]:
     """Fold a PEFT-format adapter into a plain model's linear weights in place. Returns the merged paths."""
+    if config.get("use_dora"):  # issue 19: W + s B A without DoRA's magnitude would be a silently wrong model
+        raise ValueError("adapter is DoRA (use_dora): its magnitude vector is not folded here; merge it with "
+                         "sftfuse.train.modes.merge_dora_dir (`sftfuse merge` does)")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
     merged = []

@@ -31,7 +31,8 @@ CKPT_RE = re.compile(r"^step-(\d+)$")
 # the rows and their order (the data position is a count of rows of that stream), or what "best" was measured on.
 FIXED = ("model", "train_file", "validation_file", "data_format", "skip_bad_rows", "max_length", "packing",
          "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "qlora", "dtype", "batch_size",
-         "grad_accum", "seed", "replay_ratio", "replay_file", "max_eval_rows")
+         "grad_accum", "seed", "replay_ratio", "replay_file", "max_eval_rows",
+         "mode", "freeze", "optimizer")  # issue 19: what is trained, and the optimizer state's layout
 # Options that only change what is written or evaluated after training (the base evaluation is redone when its
 # options change): free to change on resume. Every other option (lr, warmup_steps, min_lr_ratio, weight_decay,
 # max_steps, epochs, grad_clip, patch, eval_interval, patience, and options added later) changes the optimisation
@@ -149,9 +150,10 @@ def _load_plain(file: Path):
 
 
 def load_checkpoint(path: Path, *, rank: int, world: int, model, masters, params, optimizer,
-                    scheduler) -> tuple[dict, dict]:
+                    scheduler, keys: list[str] | None = None) -> tuple[dict, dict]:
     """Restore the adapter (into the fp32 `masters` and the model's trainable `params`), the optimizer and the
     scheduler from checkpoint `path`. Returns (state.json's dict, this process's RNG states to set later).
+    `keys`: the saved key of each master (issue 19: the mode's, `modes.Mode.keys`); default PEFT's LoRA keys.
 
     Raises:
         CheckpointError: a file is unreadable, holds a pickled object, or does not fit the model.
@@ -166,15 +168,16 @@ def load_checkpoint(path: Path, *, rank: int, world: int, model, masters, params
         tensors = load_file(str(path / ad.ADAPTER_WEIGHTS))
     except Exception as e:
         raise CheckpointError(f"checkpoint file {path / ad.ADAPTER_WEIGHTS} cannot be read ({e})") from None
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    missing = [f"{ad.PEFT_PREFIX}{n}.weight" for n in names if f"{ad.PEFT_PREFIX}{n}.weight" not in tensors]
-    if missing or any(tensors[f"{ad.PEFT_PREFIX}{n}.weight"].shape != m.shape for n, m in zip(names, masters)):
+    keys = keys or [f"{ad.PEFT_PREFIX}{n}.weight" for n, p in model.named_parameters() if p.requires_grad]
+    missing = [k for k in keys if k not in tensors]
+    if missing or any(tensors[k].shape != m.shape for k, m in zip(keys, masters)):
         raise CheckpointError(f"checkpoint {path}: its adapter does not fit this model "
                               f"({'missing ' + missing[0] if missing else 'other shapes'})")
     with torch.no_grad():
-        for n, m, p in zip(names, masters, params, strict=False):
-            m.copy_(tensors[f"{ad.PEFT_PREFIX}{n}.weight"])
-            p.copy_(m)
+        for k, m, p in zip(keys, masters, params, strict=False):
+            m.copy_(tensors[k])
+            if p is not m:
+                p.copy_(m)
     opt = _load_plain(path / "optim.pt")
     rng = _load_plain(path / f"rng-{rank}.pt")
     try:

@@ -89,8 +89,16 @@ def _train(args) -> int:
 
 
 def _merge(args) -> int:
-    from sftfuse.train import merge
+    from sftfuse.train import merge, modes
 
+    kind = modes.merge_source_kind(args.adapter_dir)  # issue 19: a full fine-tune, or DoRA (PEFT merges it)
+    if kind == "full":
+        raise modes.nothing_to_merge(args.adapter_dir)
+    if kind == "dora":
+        out = modes.merge_dora_dir(args.adapter_dir, args.out_dir, base_model=args.base_model,
+                                   overwrite=args.overwrite)
+        print(f"merged model written to {out}")
+        return 0
     out, res = merge.merge_adapter_dir(args.adapter_dir, args.out_dir, base_model=args.base_model,
                                        overwrite=args.overwrite, merge_into=args.merge_into,
                                        fidelity_rows=args.fidelity_rows, validation_file=args.validation)
@@ -134,7 +142,7 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from sftfuse.train.config import ALIASES, TrainConfig
+    from sftfuse.train.config import ALIASES, TrainConfig, field_types
 
     p.add_argument("--config", help="YAML file of option: value (see sftfuse/train/config.py)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
@@ -147,7 +155,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for name in TrainConfig.__dataclass_fields__:
         flag, value = f"--{name.replace('_', '-')}", getattr(defaults, name)
-        if isinstance(value, bool):  # a bare flag turns it on; `name=false` turns it off
+        if field_types()[name] in (bool, bool | None):  # a bare flag turns it on; `name=false` off (issue 19: by type,
+            # `qlora` defaults to None)
             opts.add_argument(flag, dest=f"opt_{name}", action="store_const", const="true", help=f"default: {value}")
         else:
             aliases = [f"--{a}" for a, target in ALIASES.items() if target == name]  # --data for --train-file

@@ -53,14 +53,18 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))  # leaf names of linear layers
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-    qlora: bool = True  # quantize the frozen base to NF4 (double quantization) before adding adapters
+    # issue 19: `mode` is the one switch (train/modes.py); `qlora` is its old form (true: qlora, false: lora)
+    mode: str | None = None  # full | lora | qlora | dora; null: qlora (as before), or what `qlora` says
+    qlora: bool | None = None  # null: follow `mode`; after validate() it is true exactly for mode=qlora
+    freeze: list[str] = field(default_factory=list)  # mode=full: parameter/module name patterns kept frozen
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes; train/optim.py)
     patch: bool = True  # patch_model: fused loss, LoRA and NF4 linears, gated MLP, RMSNorm and attention
     verify_patch: bool = True  # first batch: patched loss and adapter gradients vs plain PyTorch (train/parity.py)
 
     # -- optimisation -------------------------------------------------------------------------------------------
     batch_size: int = 4  # rows per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate (LoRA tolerates 10x a full fine-tune's)
+    lr: float | None = None  # peak learning rate; null: the mode's (1e-3 for adapters, 5e-5 full; issue 19)
     warmup_steps: int = 6  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -103,6 +107,11 @@ class TrainConfig:
         types = field_types()
         for name, tp in types.items():
             _check_type(name, getattr(self, name), tp)
+        from sftfuse.train.modes import resolve_config  # issue 19: fills mode, qlora and lr
+
+        resolve_config(self)
+        if self.optimizer not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+            raise ValueError(f"optimizer={self.optimizer!r}: expected one of adamw, adamw8bit, paged_adamw8bit")
         for name, bounds in BOUNDS.items():
             value = getattr(self, name)
             if not bounds.holds(value):

@@ -237,7 +237,8 @@ def _passes(model, sub, tokens, adapters, *, dtype, patch_options):
 def check_patch_parity(model: nn.Module, batch: dict, *, patch_options: dict | None = None, rows: int = 1,
                        max_tokens: int = 128, dtype: torch.dtype | None = None,
                        log: Callable[[str], None] | None = None,
-                       all_ok: Callable[[bool], bool] | None = None) -> ParityResult | None:
+                       all_ok: Callable[[bool], bool] | None = None,
+                       params: dict[str, nn.Parameter] | None = None) -> ParityResult | None:
     """Compare the patched `model`'s loss and adapter gradients on `batch` with plain PyTorch's; see the module doc.
 
     Args:
@@ -249,6 +250,8 @@ def check_patch_parity(model: nn.Module, batch: dict, *, patch_options: dict | N
         log: called with one line on success.
         all_ok: under several processes, True on every process when its argument is True on every process
             (`Control.all_ok`), so that all of them stop when one check fails.
+        params: the trained parameters whose gradients are compared, by name (issue 19: a mode's, e.g. PEFT's
+            DoRA tensors or a sample of a full fine-tune's weights); default every LoRALinear's lora_A and lora_B.
 
     Returns:
         The figures, or None when no row of `batch` carries a label or the reference loss is not finite.
@@ -261,8 +264,9 @@ def check_patch_parity(model: nn.Module, batch: dict, *, patch_options: dict | N
     if sub is None:
         return None
     dtype = dtype or model.get_input_embeddings().weight.dtype
-    adapters = {f"{n}.{part}": getattr(m, part) for n, m in model.named_modules() if isinstance(m, LoRALinear)
-                for part in ("lora_A", "lora_B")}
+    adapters = params if params is not None else {
+        f"{n}.{part}": getattr(m, part) for n, m in model.named_modules() if isinstance(m, LoRALinear)
+        for part in ("lora_A", "lora_B")}
     params = [p for p in model.parameters() if p.requires_grad]
     kept, training = [p.grad for p in params], model.training
     for p in params:

@@ -99,6 +99,10 @@ def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: di
     lines += [(f"Model: `{run.get('model')}`; QLoRA: {cfg['qlora']}; LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']} "
               f"on {', '.join(cfg['target_modules'])}; dtype {run.get('dtype')}; patched: {cfg['patch']}; "
               f"{run.get('world_size', 1)} process(es) on {run.get('device')}."), ""]
+    if run.get("mode"):  # issue 19: the mode, the optimizer's state and what the run saved
+        lines += [(f"Mode: {run['mode']}; {run['trainable_params'] / 1e6:.2f} M trained weights; optimizer "
+                   f"{run['optimizer']}, its state {run['optimizer_state_bytes'] / 2**20:.1f} MiB; saved "
+                   f"{run['saved_bytes'] / 2**20:.1f} MiB."), ""]
     lines += ["## Task accuracy on the test split (before vs after)", ""]
     if before or after:
         lines += [accuracy_table(before, after), ""]

@@ -40,6 +40,8 @@ from sftfuse.train import adapter as ad
 from sftfuse.train import checkpoint as ck
 from sftfuse.train import evaluation as ev
 from sftfuse.train import forgetting as fg
+from sftfuse.train import modes as md  # issue 19: mode=full|lora|qlora|dora
+from sftfuse.train import optim as op  # issue 19: optimizer=adamw|adamw8bit|paged_adamw8bit, fp32 masters
 from sftfuse.train import outdir as od
 from sftfuse.train import report as rp
 from sftfuse.train.base_eval import evaluate_base, general_qa
@@ -48,22 +50,9 @@ from sftfuse.train.control import Control
 from sftfuse.train.device import init_distributed, peak_memory, resolve_dtype
 from sftfuse.train.guard import DivergedError, FiniteGuard
 from sftfuse.train.models import load_model_and_tokenizer
+from sftfuse.train.optim import lr_lambda  # noqa: F401 - moved to optim.py (issue 19); imported from here by tests
 from sftfuse.train.parity import check_patch_parity
 from sftfuse.train.run_data import RunData
-
-
-# ======================================================================================================= helpers
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
-    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = min((step - warm) / max(total_steps - warm, 1), 1.0)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 @dataclass
@@ -172,20 +161,15 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        self.training_base = ad.training_base(qlora=cfg.qlora, dtype=self.dtype)  # `sftfuse merge` rebuilds it
-        if cfg.qlora:
-            from sftfuse.modules.quantize import quantize_model
-
-            quantize_model(self.model, compute_dtype=self.dtype)
-        self.lora_names = ad.inject_lora(self.model, target_modules=cfg.target_modules, r=cfg.lora_r,
-                                         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                         use_rslora=cfg.use_rslora)
+        self.mode = md.make_mode(cfg, self.model_name)  # issue 19: what is trained (`sftfuse.train.modes`)
+        built = self.mode.build(self.model, self.dtype)
         self.model.to(self.device)
         self.patched, self.parity, self.parity_due = None, None, cfg.patch and cfg.verify_patch
         if cfg.patch:
             from sftfuse.patch.patcher import patch_model
 
             self.patched = patch_model(self.model)
+            self.log(md.patch_summary(self.patched))
             if self.patched.cpu_plan:  # the per-CPU choices (GEMM and attention dtype), and why
                 self.log(self.patched.cpu_plan)
         if cfg.gradient_checkpointing:
@@ -193,11 +177,10 @@ class Trainer:
         self.model.config.use_cache = False
         self.model.train()
         self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
-        # fp32 master weights: AdamW updates of ~lr*1e-1 would vanish in bf16's 8-bit mantissa.
-        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.masters = op.make_masters(self.params)  # fp32 master weights where the params are 16-bit (`optim`)
         n_train = sum(p.numel() for p in self.params)
-        self.log(f"adapters: {len(self.lora_names)} LoRA layers, {n_train / 1e6:.2f} M trainable parameters"
-                 f"{'; NF4 base' if cfg.qlora else ''}{'; patched' if cfg.patch else ''}")
+        self.log(f"mode {cfg.mode}: {built}, {n_train / 1e6:.2f} M trainable parameters"
+                 f"{'; patched' if cfg.patch else ''}")
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -207,7 +190,9 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
-        self.opt = torch.optim.AdamW(self.masters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        self.opt, self.opt_runs, why = op.build_optimizer(cfg.optimizer, self.masters, lr=cfg.lr,
+                                                          weight_decay=cfg.weight_decay, device=self.device)
+        op.log_choice(self.log, cfg.optimizer, self.opt_runs, why)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
         self.step = 0
         self.consumed = 0  # rows drawn from the epoch-wise shuffled stream, over all processes
@@ -218,13 +203,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return ad.master_tensors(self.model, self.masters)
+        return self.mode.tensors(self.model, self.masters)
 
     def _adapter_config(self) -> dict:
-        cfg = self.cfg
-        return ad.peft_config(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
-                              base_model=self.model_name)
+        return self.mode.config()
 
     def save_checkpoint(self) -> None:
         """adapter + optimizer + scheduler + RNG (per process) + data position, to `.tmp-*` then renamed."""
@@ -239,7 +221,8 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         state, self._rng_by_rank = ck.load_checkpoint(path, rank=self.rank, world=self.world, model=self.model,
                                                       masters=self.masters, params=self.params,
-                                                      optimizer=self.opt, scheduler=self.sched)
+                                                      optimizer=self.opt, scheduler=self.sched,
+                                                      keys=self.mode.keys(self.model))
         self.step, self.consumed = state["step"], state["consumed"]
         self.best_val, self.best_step, self.bad_evals = state["best_val"], state["best_step"], state["bad_evals"]
         self.val_history = [tuple(v) for v in state["val_history"]]
@@ -267,8 +250,9 @@ class Trainer:
         n_in = sum(b.pop("n_input_tokens") for b in batches)
         n_tok_dev = n_tok.to(self.device)
         if self.parity_due:  # once, before the first update: the patched model against plain PyTorch
-            self.parity_due, self.parity = False, check_patch_parity(self.model, batches[0], dtype=self.dtype,
-                                                                     log=self.log, all_ok=self.ctl.all_ok)
+            self.parity_due, self.parity = False, check_patch_parity(
+                self.model, batches[0], dtype=self.dtype, log=self.log, all_ok=self.ctl.all_ok,
+                params=self.mode.parity_params(self.model))
         loss_sum = 0.0
         for j, b in enumerate(batches):
             sync = self.ddp is None or j == len(batches) - 1
@@ -278,10 +262,7 @@ class Trainer:
                 # DDP averages gradients over processes; the loss is already divided by the global count.
                 (loss * self.world).backward()
             loss_sum += float(loss.detach())
-        with torch.no_grad():
-            for m, p in zip(self.masters, self.params, strict=False):
-                m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
-                p.grad = None
+        op.grads_to_masters(self.masters, self.params)
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.masters, cfg.grad_clip if cfg.grad_clip > 0 else 1e30))
         # the step's loss over all processes, and whether any saw a non-finite gradient norm
         loss_sum, bad = self.ctl.sum([loss_sum, 0.0 if math.isfinite(gnorm) else 1.0])
@@ -293,9 +274,7 @@ class Trainer:
             self.opt.step()
         self.sched.step()  # skipped steps included: the schedule stays that of the planned steps
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for m, p in zip(self.masters, self.params, strict=False):
-                p.copy_(m)
+        op.masters_to_params(self.masters, self.params)
         self.step += 1
         return {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": int(n_tok),
                 "input_tokens": n_in * self.world, **({} if finite else {"skipped": True})}
@@ -317,8 +296,8 @@ class Trainer:
         if math.isfinite(val) and (self.best_val is None or val < self.best_val - 1e-4):
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
             if self.rank == 0:
-                ad.write_adapter(self.out / "best_adapter", self._adapter_tensors(), self._adapter_config(),
-                                 training_base=self.training_base)
+                ad.write_adapter(self.out / self.mode.best_name, self._adapter_tensors(), self._adapter_config(),
+                                 training_base=self.mode.training_base())
             return False
         self.bad_evals += 1
         if self.cfg.patience and self.bad_evals >= self.cfg.patience:
@@ -340,6 +319,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.quiet,
                    desc="train", unit="step", dynamic_ncols=True)
         t0, tokens, stopped, self.stop_reason = time.perf_counter(), 0, False, None
+        cpu0 = time.process_time()  # issue 19: CPU seconds of training, steadier than wall time on a shared host
         losses = []
         while self.step < self.total_steps and not stopped:
             rec = self._train_step()
@@ -365,6 +345,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.times["train"] = time.perf_counter() - t0
+        self.times["train_cpu"] = time.process_time() - cpu0
         self.train_tokens = tokens
         result.steps, result.losses, result.stopped_early = self.step, losses, stopped
         result.stop_reason, result.bad_steps = self.stop_reason, self.guard.total
@@ -378,15 +359,14 @@ class Trainer:
     def finish(self) -> TrainResult:
         """Keep the best adapter, save it in PEFT's format, evaluate the tuned model, write the report."""
         cfg, res = self.cfg, self.result
-        best_dir = self.out / "best_adapter"
+        best_dir = self.out / self.mode.best_name
         if self.rank == 0:
             if self.best_step is not None and best_dir.exists() and self.best_step != self.step:
                 tensors, _ = ad.read_adapter(best_dir)
                 self.log(f"keeping the adapter of step {self.best_step} (best validation loss {self.best_val:.4f})")
             else:
                 tensors = self._adapter_tensors()
-            res.adapter_dir = ad.write_adapter(self.out / "adapter", tensors, self._adapter_config(),
-                                               training_base=self.training_base)
+            res.adapter_dir = self.mode.write_output(self.out, tensors, self.model, self.tok)  # adapter/ or model/
         self.ctl.barrier()
         if self.rank != 0:
             return res
@@ -394,8 +374,7 @@ class Trainer:
             from sftfuse.patch.patcher import unpatch_model
 
             unpatch_model(self.model)
-        ad.load_adapter_tensors(self.model, {k: v.to(self.dtype) for k, v in tensors.items()})
-        ad.merge_lora_(self.model, dtype=self.dtype)  # the tuned model, dense: fast generation
+        self.model = self.mode.tuned_model(self.model, tensors, self.dtype)  # dense: fast generation
         self.model.config.use_cache = True
         self.model.eval()
         t0 = time.perf_counter()
@@ -418,7 +397,10 @@ class Trainer:
                "peak_memory": peak_memory(self.device), "wall_seconds": time.perf_counter() - self.t_start,
                "load_seconds": self.times["load"], "eval_seconds": self.times["eval"],
                "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads(),
-               "patch_parity": self.parity.as_dict() if self.parity else None}
+               "patch_parity": self.parity.as_dict() if self.parity else None, "mode": cfg.mode,  # issue 19:
+               "optimizer": self.opt_runs, "optimizer_state_bytes": op.state_bytes(self.opt),
+               "trainable_params": sum(p.numel() for p in self.params), "saved_bytes": md.dir_bytes(res.adapter_dir),
+               "train_cpu_seconds": self.times["train_cpu"]}
         res.report_path = rp.write_outputs(self.out, self.metrics.read(), cfg=cfg.to_dict(), data_md=self.data_md,
                                            before=self.before, after=res.after, probe=res.probe, run=run,
                                            adapter_dir=res.adapter_dir, quiet=self.quiet)

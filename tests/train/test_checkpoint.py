@@ -111,7 +111,7 @@ def test_planted_pickle_is_refused_not_run(tmp_path, name):
 
 
 def test_resume_config_check_names_what_changed():
-    base = TrainConfig().to_dict()
+    base = TrainConfig().validate().to_dict()  # as a run saves it: mode, qlora and lr filled in
     path = "runs/x/checkpoints/step-000020"
     with pytest.raises(ck.CheckpointError, match=r"lora_r: 16 -> 8; seed: 0 -> 1"):
         ck.check_resume_config(base, {**base, "lora_r": 8, "seed": 1, "lr": 0.1}, allow_config_change=True,

@@ -12,7 +12,7 @@ from sftfuse.train.config import ALL_LINEAR, TrainConfig, load_config
 
 def test_defaults_are_the_bundled_job():
     cfg = load_config()
-    assert cfg == TrainConfig()
+    assert cfg == TrainConfig().validate()  # validate() fills the mode's defaults (mode, qlora, lr)
     assert cfg.model is None and cfg.train_file is None  # bundled model and data
     assert cfg.qlora and cfg.packing and cfg.patch and cfg.target_modules == list(ALL_LINEAR)
     assert cfg.max_steps > 0 and 0 < cfg.lr <= 2e-3 and cfg.lora_r == 16
@@ -99,7 +99,7 @@ def test_every_numeric_field_has_a_range():
     """A new int or float option must come with its range (validate() looks each one up in BOUNDS)."""
     from sftfuse.train.config import BOUNDS, field_types
 
-    numeric = {k for k, tp in field_types().items() if tp in (int, float)}
+    numeric = {k for k, tp in field_types().items() if tp in (int, float, int | None, float | None)}
     assert numeric == set(BOUNDS)
 
 
