@@ -25,7 +25,7 @@ def _setting(cfg: dict) -> str:
     sys.path.insert(0, str(ROOT))
     from sftfuse.train.config import TrainConfig
 
-    default = TrainConfig().to_dict()
+    default = TrainConfig().validate().to_dict()  # the mode-dependent defaults (lr) filled in
     diff = [f"{k}={v}" for k, v in cfg.items() if k not in IGNORED and default.get(k) != v]
     return " ".join(diff) or "(defaults)"
 
@@ -36,7 +36,10 @@ def _row(run_dir: Path, note: str = "") -> dict:
     fams = (after or {}).get("families", {})
     worst = min(((after["families"][f]["acc"] - before["families"][f]["acc"], f) for f in fams), default=None)
     answers = probe.get("answers") or {}
-    return {"setting": _setting(res.get("config", {})) + (f" ({note})" if note else ""), "dir": str(run_dir),
+    cfg = res.get("config", {})
+    short = (f"{'QLoRA' if cfg.get('qlora') else 'LoRA'} replay {cfg.get('replay_ratio')}, {cfg.get('max_steps')} steps"
+             + (f", lr {cfg['lr']:g}" if cfg.get("lr") not in (None, 1e-3) else "") + ("*" if note else ""))
+    return {"setting": _setting(cfg) + (f" ({note})" if note else ""), "dir": str(run_dir), "short": short,
             "gain": 100 * (after["mean_acc"] - before["mean_acc"]) if before and after else None,
             "before": 100 * before["mean_acc"] if before else None, "after": 100 * after["mean_acc"] if after else None,
             "worst": f"{worst[1]} {100 * worst[0]:+.1f}" if worst else "-",
@@ -55,9 +58,11 @@ def write(rows: list[dict], out: Path, cpu: str) -> None:
              "written by `scripts/forgetting_front.py`. Gain: mean task accuracy over the nine families, after minus "
              "before. Forgetting: the probe's NLL rise and KL(base || tuned) per token over the base model's own "
              "answers to 22 general prompts, and the share of the general questions the base answered correctly that "
-             "the tuned model still answers correctly.", "",
-             "| setting | accuracy before -> after | gain (pts) | worst family (pts) | probe NLL rise | probe KL | "
-             "answer agreement | steps | wall time | tokens/s |",
+             "the tuned model still answers correctly. Each run: `OMP_NUM_THREADS=1 sftfuse train "
+             "output_dir=DIR <setting>`; then `python scripts/forgetting_front.py DIR[:NOTE] ...` wrote this file, "
+             "forgetting.json and forgetting.png (gain against the NLL rise).", "",
+             "| setting | accuracy before -> after | gain (pts) | smallest family gain (pts) | probe NLL rise | "
+             "probe KL | answer agreement | steps | wall time | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| `{r['setting']}` | {_f(r['before'], '.1f')}% -> {_f(r['after'], '.1f')}% | "
@@ -73,11 +78,15 @@ def write(rows: list[dict], out: Path, cpu: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [r for r in rows if r["gain"] is not None and r["nll_rise"] is not None]
-    ax.scatter([r["nll_rise"] for r in pts], [r["gain"] for r in pts])
+    for quant, color in ((True, "tab:orange"), (False, "tab:blue")):
+        sel = [r for r in pts if r["short"].startswith("QLoRA") == quant]
+        ax.scatter([r["nll_rise"] for r in sel], [r["gain"] for r in sel], color=color,
+                   label="QLoRA (NF4 base)" if quant else "LoRA (16-bit base)")
     for r in pts:
-        ax.annotate(r["setting"].replace("(defaults)", "defaults")[:40], (r["nll_rise"], r["gain"]), fontsize=7,
-                    xytext=(4, 2), textcoords="offset points")
+        ax.annotate(r["short"], (r["nll_rise"], r["gain"]), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.axvline(5, color="tab:red", ls=":", lw=1)
+    ax.axhline(60, color="tab:red", ls=":", lw=1)
+    ax.legend(loc="lower right", fontsize=8, title="* a note in the table", title_fontsize=7)
     ax.set_xlabel("forgetting: probe NLL rise over the base (%)")
     ax.set_ylabel("task gain (accuracy points)")
     ax.grid(alpha=0.3)

@@ -54,7 +54,7 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))  # leaf names of linear layers
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     # issue 19: `mode` is the one switch (train/modes.py); `qlora` is its old form (true: qlora, false: lora)
-    mode: str | None = None  # full | lora | qlora | dora; null: qlora (as before), or what `qlora` says
+    mode: str | None = None  # full | lora | qlora | dora; null: lora, or what `qlora` says
     qlora: bool | None = None  # null: follow `mode`; after validate() it is true exactly for mode=qlora
     freeze: list[str] = field(default_factory=list)  # mode=full: parameter/module name patterns kept frozen
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes; train/optim.py)
@@ -68,7 +68,7 @@ class TrainConfig:
     warmup_steps: int = 6  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    max_steps: int = 60  # optimizer steps; 0 means "use epochs"
+    max_steps: int = 80  # optimizer steps; 0 means "use epochs" (80: replay takes a third of the rows)
     epochs: float = 1.0  # only used when max_steps == 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     max_bad_steps: int = 3  # non-finite (NaN/inf) steps in a row that stop the run; each one is skipped
@@ -86,7 +86,7 @@ class TrainConfig:
     # -- forgetting probe and task evaluation ---------------------------------------------------------------
     probe: bool = True  # NLL of the base model's own answers to general prompts, before vs after
     probe_file: str | None = None  # JSON list of prompts; None: the bundled probe_prompts.json
-    replay_ratio: float = 0.0  # base-model answers to the replay prompts mixed in per training example
+    replay_ratio: float = 0.5  # base-model answers to the replay prompts mixed in per training example
     replay_file: str | None = None  # JSON list of replay prompts; None: the bundled replay_prompts.json
     task_eval: bool = True  # accuracy per task family on the test split, before and after
     max_test_rows: int = 0  # 0 = all

@@ -48,12 +48,12 @@ FULL_MARK = "sftfuse_full.json"  # in a full fine-tune's model directory: what `
 def resolve_config(cfg) -> None:
     """Fill `mode`, `qlora` and `lr` of a TrainConfig in place (idempotent), or raise ValueError naming the option.
 
-    `mode=null` means the old switch decides: `qlora=true` (or unset) is mode qlora, `qlora=false` mode lora. With
+    `mode=null` means the old switch decides: `qlora=true` is mode qlora, `qlora=false` (or unset) mode lora. With
     both given they must agree. After this, `qlora` is True exactly for mode qlora, and `lr` is a number.
     """
     if cfg.mode is not None and cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
-    mode = cfg.mode or ("lora" if cfg.qlora is False else "qlora")
+    mode = cfg.mode or ("qlora" if cfg.qlora else "lora")  # the default: LoRA on the 16-bit base (issue 18)
     if cfg.qlora is not None and bool(cfg.qlora) != (mode == "qlora"):
         raise ValueError(f"qlora={str(cfg.qlora).lower()} conflicts with mode={mode}: `qlora` is the old switch "
                          "(true: mode=qlora, false: mode=lora); give mode alone")

@@ -34,7 +34,7 @@ def _overrides(tiny_dir, data_dir, out, **kw) -> list[str]:
             "probe_file": data_dir / "probe.json", "output_dir": out, "qlora": False, "patch": False,
             "dtype": "fp32", "lora_r": 4, "lora_alpha": 8, "max_length": 96, "batch_size": 2, "grad_accum": 2,
             "lr": 3e-3, "warmup_steps": 1, "max_steps": 4, "eval_interval": 2, "checkpoint_interval": 2,
-            "max_new_tokens": 6, "gen_batch_size": 8, "task_eval": False, "probe": False}
+            "max_new_tokens": 6, "gen_batch_size": 8, "task_eval": False, "probe": False, "replay_ratio": 0.0}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -14,8 +14,9 @@ def test_defaults_are_the_bundled_job():
     cfg = load_config()
     assert cfg == TrainConfig().validate()  # validate() fills the mode's defaults (mode, qlora, lr)
     assert cfg.model is None and cfg.train_file is None  # bundled model and data
-    assert cfg.qlora and cfg.packing and cfg.patch and cfg.target_modules == list(ALL_LINEAR)
+    assert not cfg.qlora and cfg.mode == "lora" and cfg.packing and cfg.patch and cfg.target_modules == list(ALL_LINEAR)
     assert cfg.max_steps > 0 and 0 < cfg.lr <= 2e-3 and cfg.lora_r == 16
+    assert cfg.replay_ratio > 0 and cfg.probe  # the default run holds forgetting down, and measures it
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -43,7 +43,8 @@ def _logits(model, ids):
 
 # ------------------------------------------------------------------------------------------------------ config
 def test_mode_is_the_one_switch_and_the_old_qlora_key_maps_onto_it():
-    assert (load_config().mode, load_config().qlora, load_config().lr) == ("qlora", True, 1e-3)  # as before
+    # LoRA on the 16-bit base by default: the NF4 rounding alone cost the default model +27% probe NLL (issue 18)
+    assert (load_config().mode, load_config().qlora, load_config().lr) == ("lora", False, 1e-3)
     assert load_config(None, ["qlora=false"]).mode == "lora"
     assert load_config(None, ["qlora=true"]).mode == "qlora"
     full = load_config(None, ["mode=full"])
