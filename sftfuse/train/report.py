@@ -60,10 +60,13 @@ def plot_losses(metrics: list[dict], path: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     handles = ax.get_legend_handles_labels()
     rise = [(m["step"], 100 * m["probe_rise"]) for m in metrics if isinstance(m.get("probe_rise"), (int, float))]
-    if rise:
+    if rise:  # the rise is measured against the step-0 model: 0 at step 0
+        rise = [(0, 0.0)] + rise
         ax2 = ax.twinx()
         ax2.plot(*zip(*rise, strict=False), "s--", color="tab:red", label="forgetting: probe NLL rise (%)")
         ax2.set_ylabel("probe NLL rise over the base (%)", color="tab:red")
+        lo, hi = min(r for _, r in rise), max(r for _, r in rise)
+        ax2.set_ylim(min(lo, -5) - 1, max(hi, 5) + 1)  # at least +-5%: noise stays small on the axis
         h2 = ax2.get_legend_handles_labels()
         handles = (handles[0] + h2[0], handles[1] + h2[1])
     ax.legend(*handles, loc="upper center")
