@@ -38,7 +38,8 @@ LOCK = ".sftfuse.lock"
 RUN_DIRS = ("checkpoints", "adapter", "best_adapter")
 RUN_FILES = ("metrics.jsonl", "results.json", "report.md", "loss_curve.png", "base_eval.json", "data_report.md",
              "data_report.json")
-_OUR_FILES_RE = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|optim\.pt|state\.json|rng-\d+\.pt)$")
+_OUR_FILES_RE = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|training_base\.json|optim\.pt"
+                           r"|state\.json|rng-\d+\.pt)$")
 _DEBRIS_RE = re.compile(r"^\.(?:tmp|old)-.+-(\d+)-[a-z0-9_]{8}$")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # How torch's zip writer and safetensors' Rust writer report a failed write; they keep no errno.
