@@ -9,12 +9,13 @@ from true/false/yes/no/on/off/1/0, lists from `[a, b]`, `a,b` or a YAML sequence
 None where an option allows None, and a quoted value is always its text. `validate()` then checks every field's
 type and range (NaN and inf included), so a typo or an impossible value fails before a model is loaded.
 
-The defaults were chosen by measurement: SmolLM2-135M-Instruct, QLoRA r=16 on every linear layer, bf16, 4 packed
-rows of 256 tokens per step, lr 1e-3, 60 steps (the training loss is under 0.2 by step 15). Measured on the 2-core
-development CPU (torch 2.13, nothing else running; README has the command): 5 min 50 s wall for the whole
-`sftfuse train` (load 3 s, both evaluations and the probe 80 s, training 261 s: 3.6-3.8 s a step plus three
-validation passes); test-split accuracy averaged over the 9 families 7.4% -> 72.2% (+64.8 points, no family
-worse), forgetting-probe NLL +29.5%; peak RSS 3.3 GiB.
+The defaults were chosen by measurement: SmolLM2-135M-Instruct, LoRA r=16 on every linear layer of the frozen
+16-bit base, bf16 where the CPU computes it natively, 4 packed rows of 256 tokens per step, lr 1e-3, 80 steps with
+half as many replayed base-model answers as task examples (`replay_ratio` 0.5). Chosen from the gain-against-
+forgetting front in bench/results/forgetting.md (an NF4 base alone raised the forgetting probe's NLL by 27%).
+Measured on a 2-core Xeon with AMX-BF16 (torch 2.13, nothing else running; README has the command): 6 min 1 s wall
+for the whole `sftfuse train`; test-split accuracy over the 9 families 6.5% -> 70.4% (+63.9 points, no family
+worse), probe NLL -10.6%, answer agreement 92.3%; peak RSS 4.0 GiB.
 """
 
 from __future__ import annotations
