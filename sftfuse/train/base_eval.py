@@ -39,22 +39,18 @@ def general_qa() -> list[dict]:
     return fg.load_general_qa(data.bundled_path("general_qa"))
 
 
-def _chat(tok, text: str) -> str:
-    return ev.render_prompt(tok, [{"role": "user", "content": text}])
-
-
 def _forgetting_base(cfg: TrainConfig, model, tok, log) -> dict:
     out = {}
     if cfg.probe:
         log("the base model answers the forgetting probe and the general questions ...")
-        prompts = [_chat(tok, p) for p in probe_prompts(cfg)]
+        prompts = [ev.user_prompt(tok, p) for p in probe_prompts(cfg)]
         answers = ev.generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
         stats = fg.base_stats(model, tok, prompts, answers)
         out.update(probe_prompts=prompts, probe_answers=answers, probe_base_nll=stats["nll"],
                    probe_topk=stats["topk"],
                    qa_base_correct=fg.answer_probe(model, tok, general_qa(), batch_size=cfg.gen_batch_size))
     if cfg.replay_ratio > 0:
-        prompts = [_chat(tok, p) for p in replay_prompts(cfg)]
+        prompts = [ev.user_prompt(tok, p) for p in replay_prompts(cfg)]
         log(f"the base model answers {len(prompts)} replay prompts ...")
         answers, done = ev.generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
                                     batch_size=cfg.gen_batch_size, return_finished=True)

@@ -28,6 +28,11 @@ def render_prompt(tok, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
+def user_prompt(tok, text: str) -> str:
+    """One user message, rendered for generation (the probes', the general questions' and replay's prompts)."""
+    return render_prompt(tok, [{"role": "user", "content": text}])
+
+
 def _probe_text(item) -> str | None:
     if isinstance(item, str):
         return item

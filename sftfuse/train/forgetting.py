@@ -60,9 +60,9 @@ def answer_is_correct(text: str, accepted: list[str]) -> bool:
 
 def answer_probe(model, tok, qa: list[dict], *, batch_size: int, max_new_tokens: int = 24) -> list[bool]:
     """Greedy answers to the general questions, each scored by `answer_is_correct`."""
-    from sftfuse.train.evaluation import generate, render_prompt
+    from sftfuse.train.evaluation import generate, user_prompt
 
-    prompts = [render_prompt(tok, [{"role": "user", "content": q["question"]}]) for q in qa]
+    prompts = [user_prompt(tok, q["question"]) for q in qa]
     answers = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [answer_is_correct(a, q["answers"]) for a, q in zip(answers, qa, strict=True)]
 

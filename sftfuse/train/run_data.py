@@ -1,6 +1,6 @@
 """The data of one `sftfuse train` run: read, then tokenized and checked with the model's tokenizer loaded on its
 own, all before the model loads (a bad row, a row the tokenizer refuses, or data with nothing to learn fails in
-seconds, not after a load and a base evaluation); then mixed with replayed probe answers, packed, and drawn as a
+seconds, not after a load and a base evaluation); then mixed with replayed base-model answers, packed, and drawn as a
 resumable stream of step batches. `sftfuse data-check` runs the same reading and checks.
 
 The stream: row k of the run is row `perm_e[k mod n]` of epoch e = k // n, each epoch shuffled by its own seed
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sftfuse.train import data, evaluation, tasks
+from sftfuse.train import base_eval, data, tasks
 from sftfuse.train.config import TrainConfig
 from sftfuse.train.data_tokenize import prompt_messages
 from sftfuse.train.models import load_tokenizer
@@ -47,9 +47,9 @@ class RunData:
         if self.test_set is not None:
             self._check_test_rows()
         if cfg.probe:  # read later, after the model: checked now
-            evaluation.load_probe_prompts(cfg.probe_file or data.bundled_path("probe_prompts"))
+            base_eval.probe_prompts(cfg)
         if cfg.replay_ratio > 0:
-            evaluation.load_probe_prompts(cfg.replay_file or data.bundled_path("replay_prompts"))
+            base_eval.replay_prompts(cfg)
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] = []
         self.val_rows: list[dict] = []
