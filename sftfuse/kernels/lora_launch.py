@@ -37,12 +37,36 @@ def _base_mm(a, base, bias, *, transposed):
     return matmul_triton(a, base, bias, transposed=transposed)
 
 
+PROGRAMS = 264  # programs to aim for in a split launch: two per SM of an H100 (132)
+
+
+def _pad_cols(a: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """`a` (rows, n) with its columns zero-padded to a multiple of `multiple` (a itself where they already are).
+
+    A 16-bit operand whose row stride is not a multiple of 16 elements has rows at 2-byte alignment: Triton then
+    loads it element by element and cannot stage it through cp.async. Real models' widths are multiples of 16; an
+    odd one pays this copy instead of a kernel without async copies."""
+    n = a.shape[1]
+    if n % multiple == 0:
+        return a
+    out = a.new_zeros(a.shape[0], -(-n // multiple) * multiple)
+    out[:, :n] = a
+    return out
+
+
+def _aligned(dtype: torch.dtype, n: int) -> bool:
+    """Rows of width n in dtype load as vectors (cp.async) as they are: 4-byte elements, or n a multiple of 16."""
+    return torch.empty(0, dtype=dtype).element_size() >= 4 or n % 16 == 0
+
+
 def _launch_proj(x, A, *, scale, seed, thr):
     """t = scale * dropout(x) A^T (M, r): one sweep over x, the mask in registers (`_lora_proj_kernel`)."""
     import triton
 
     from sftfuse.kernels import lora_triton as kt
 
+    if not _aligned(x.dtype, x.shape[1]):  # zero columns add nothing to x A^T; the mask keys keep their columns
+        x, A = _pad_cols(x), _pad_cols(A)
     M, K = x.shape
     t = torch.empty(M, A.shape[0], device=x.device, dtype=x.dtype)
     cfg = kt.proj_config(x.dtype, A.shape[0], K % 16 == 0)  # K % 16: Triton's divisibility specialization
@@ -53,6 +77,16 @@ def _launch_proj(x, A, *, scale, seed, thr):
     return t
 
 
+def _split(tiles: int, other_tiles: int, block: int, size: int) -> tuple[int, int]:
+    """(programs along a looped axis, elements each) so that about PROGRAMS programs run, each looping over at least
+    one tile (two under the interpreter, so that tests take the loop)."""
+    import triton
+
+    split = min(tiles, max(1, tiles // 2) if interpreter_active() else max(1, triton.cdiv(PROGRAMS, other_tiles)))
+    per = triton.cdiv(tiles, split) * block
+    return triton.cdiv(size, per), per
+
+
 def _launch_update(y, z, V, *, scale, seed, thr):
     """y += scale * mask * (z V) in place, y (M, N), z (M, r), V (r, N) contiguous (`_lora_update_kernel`)."""
     import triton
@@ -60,12 +94,15 @@ def _launch_update(y, z, V, *, scale, seed, thr):
     from sftfuse.kernels import lora_triton as kt
 
     M, N = y.shape
-    cfg = kt.update_config(y.dtype, z.shape[1], N % 16 == 0)
+    Vp = _pad_cols(V)  # r x N, aligned rows in any dtype (a few KB; it frees registers in the fp32 odd build)
+    cfg = kt.update_config(y.dtype, z.shape[1], Vp.shape[1] % 16 == 0)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    kt._lora_update_kernel[grid](y, z, V, M, N, z.shape[1], y.stride(0), z.stride(0), V.stride(0), V.stride(1),
-                                 scale, seed, thr, OUT_MASK=True, **kt._flags(y.dtype), R=kt._rank_tile(z.shape[1]),
-                                 **cfg, num_warps=warps, num_stages=stages)
+    tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
+    split, cols = _split(triton.cdiv(N, cfg["BLOCK_N"]), tiles_m, cfg["BLOCK_N"], N)
+    kt._lora_update_kernel[(tiles_m, split)](
+        y, z, Vp, M, N, Vp.shape[1], z.shape[1], cols, y.stride(0), z.stride(0), Vp.stride(0), Vp.stride(1),
+        scale, seed, thr, OUT_MASK=True, **kt._flags(y.dtype), R=kt._rank_tile(z.shape[1]), **cfg, num_warps=warps,
+        num_stages=stages)
     return y
 
 
@@ -75,18 +112,20 @@ def _launch_reduce(x, y, *, scale, seed, thr):
 
     from sftfuse.kernels import lora_triton as kt
 
+    P_real = x.shape[1]
+    if not _aligned(x.dtype, P_real):
+        x = _pad_cols(x)
     M, P = x.shape
     cfg = kt.reduce_config(x.dtype, y.shape[1], P % 16 == 0)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
-    split = min(tiles_m, 2 if interpreter_active() else max(1, 264 // triton.cdiv(P, cfg["BLOCK_P"])))
-    rows = triton.cdiv(tiles_m, split) * cfg["BLOCK_M"]
-    split = triton.cdiv(M, rows)
+    tiles_p = triton.cdiv(P, cfg["BLOCK_P"])
+    split, rows = _split(triton.cdiv(M, cfg["BLOCK_M"]), tiles_p, cfg["BLOCK_M"], M)
     out = torch.empty(split, y.shape[1], P, device=x.device, dtype=torch.float32)
-    kt._lora_reduce_kernel[(triton.cdiv(P, cfg["BLOCK_P"]), split)](
+    kt._lora_reduce_kernel[(tiles_p, split)](
         x, y, out, M, P, y.shape[1], rows, x.stride(0), x.stride(1), y.stride(0), out.stride(0), scale, seed, thr,
         IN_MASK=True, **kt._flags(x.dtype), R=kt._rank_tile(y.shape[1]), **cfg, num_warps=warps, num_stages=stages)
-    return out.sum(0, dtype=x.dtype)  # one launch: fp32 accumulation, one rounding
+    dA = out.sum(0, dtype=x.dtype)  # one launch: fp32 accumulation, one rounding
+    return dA if P == P_real else dA[:, :P_real].contiguous()
 
 
 def lora_fwd_triton(x, base, A, B, s, bias, seed, p):

@@ -85,8 +85,9 @@ def _lora_proj_kernel(
 def _lora_update_kernel(
     # pointers: Y (M, N) += scale * [mask](Z (M, R_REAL) @ V (R_REAL, N)), Y read and written once
     y_ptr, z_ptr, v_ptr,
-    # sizes
-    M, N, R_REAL,
+    # sizes: NV is V's column bound (N, or N rounded up to 16 where the launcher zero-padded V for aligned loads);
+    # each program takes one BLOCK_M row stripe and cols_per_split columns of it
+    M, N, NV, R_REAL, cols_per_split,
     # strides
     stride_ym, stride_zm, stride_vr, stride_vn,
     # scalars: scale (s / (1 - p)), dropout seed and threshold
@@ -97,23 +98,30 @@ def _lora_update_kernel(
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     rows = offs_m.to(tl.int64)[:, None]
+    # the stripe's Z rows once; the loop streams V and Y tiles (V's through cp.async, num_stages deep)
     z = tl.load(z_ptr + rows * stride_zm + offs_r[None, :], mask=(offs_m[:, None] < M) & (offs_r[None, :] < R_REAL),
                 other=0.0)
-    v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
-                mask=(offs_r[:, None] < R_REAL) & (offs_n[None, :] < N), other=0.0)
     if UPCAST:
-        z, v = z.to(tl.float32), v.to(tl.float32)
-    corr = tl.dot(z, v, input_precision=PREC)
-    if OUT_MASK:  # dx's adapter term is zero where the forward dropped x
-        keep = _keep_tile(_keys(offs_m, seed, 0x9E3779B1, 0), _keys(offs_n, seed, 0x27D4EB2F, 0x165667B1), thr)
-        corr = tl.where(keep, corr, 0.0)
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + rows * stride_ym + offs_n[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32) + scale * corr
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+        z = z.to(tl.float32)
+    row_keys = _keys(offs_m, seed, 0x9E3779B1, 0)
+    n_lo = pid_n * cols_per_split
+    n_hi = min(N, n_lo + cols_per_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
+                    mask=(offs_r[:, None] < R_REAL) & (offs_n[None, :] < NV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        corr = tl.dot(z, v, input_precision=PREC)
+        if OUT_MASK:  # dx's adapter term is zero where the forward dropped x
+            keep = _keep_tile(row_keys, _keys(offs_n, seed, 0x27D4EB2F, 0x165667B1), thr)
+            corr = tl.where(keep, corr, 0.0)
+        y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < n_hi)
+        y_ptrs = y_ptr + rows * stride_ym + offs_n[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32) + scale * corr
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -183,13 +191,18 @@ def proj_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
 
 
 def update_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
-    """dx += scale mask (u A): one rank-r dot per tile (no K loop to pipeline), bound by dx's read and write.
-    `divisible`: N (dx's row stride) is a multiple of 16."""
+    """dx += scale mask (u A): bound by dx's read and write. A program keeps its row stripe's u in registers and
+    streams A's column tiles through cp.async (`num_stages` deep) with dx's. The launcher zero-pads A's rows to a
+    multiple of 16 (a few KB), so they always load as vectors. `divisible`: N (dx's row stride) is a multiple of 16;
+    otherwise dx's elements load one by one."""
     if interpreter_active():
         return _interp(BLOCK_M=32, BLOCK_N=32)
-    if dtype == torch.float32 or not divisible:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if R > 32 else 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1}
+    if not divisible:  # dx's elements each take a 64-bit address: 8 warps share them (sm_80's 232 registers)
+        wide = dtype == torch.float32
+        return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2 if wide and R > 32 else 3}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if R > 32 else 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 
 
 def reduce_config(dtype: torch.dtype, R: int, divisible: bool) -> dict:
@@ -209,25 +222,27 @@ def _flags(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Compile check: every configuration the launchers (in sftfuse/kernels/lora.py) pick on a GPU, with the divisibility
-# the launchers guarantee: contiguous operands (unit inner strides), K and N of real models multiples of 16 (the
-# compile check also builds the undivided variant Triton specializes for odd sizes)
+# Compile check: every configuration the launchers (in sftfuse/kernels/lora_launch.py) pick on a GPU, with the
+# divisibility they guarantee: contiguous operands (unit inner strides), split lengths that are multiples of the
+# block, and K and N of real models multiples of 16. Odd widths: fp32 rows load through 4-byte cp.async as they are
+# (the `_odd` variants); a 16-bit x is zero-padded by the launcher to a width of a multiple of 16 (proj and reduce:
+# their odd variant is the divisible one), and so is update's V in every dtype (its odd variant has dx unaligned)
 
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _PREC = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}
 
 
-def _spec(name, fn, config, dtype, R, divisible, sig, unit, flags, sizes):
+def _spec(name, fn, config, dtype, R, divisible, sig, unit, flags, sizes, always=()):
     """One configuration as the launcher picks it: blocks from `config(dtype, R, divisible)`, unit inner strides
-    (contiguous operands), and with `divisible` the row strides and sizes that are multiples of 16 (as Triton
-    specializes such integers at launch; the pointers are always 16-byte aligned fresh or contiguous tensors)."""
+    (contiguous operands), `always` divisible by 16, and with `divisible` also `sizes` (as Triton specializes such
+    integers at launch; the pointers are always 16-byte aligned fresh or contiguous tensors)."""
     cfg = config(dtype, R, divisible)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     const = {u: 1 for u in unit} | flags | {"UPCAST": False, "PREC": _PREC[dtype], "R": R, **cfg}
     sig = {k: v for k, v in sig.items() if k not in unit} | {n: "constexpr" for n in const}
     ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
     return KernelSpec(f"{name}_{_TY[dtype]}_r{R}{'' if divisible else '_odd'}", fn, sig, const, num_warps=warps,
-                      num_stages=stages, divisible=ptrs + (sizes if divisible else ()))
+                      num_stages=stages, divisible=ptrs + tuple(always) + (sizes if divisible else ()))
 
 
 def _i32(*names):
@@ -237,23 +252,26 @@ def _i32(*names):
 def _specs():
     specs = []
     for dtype, R, div in [(d, r, v) for d in (torch.bfloat16, torch.float32) for r in (16, 32, 64) for v in (1, 0)]:
-        ty = f"*{_TY[dtype]}"
+        ty, wide = f"*{_TY[dtype]}", dtype == torch.float32
         proj = {"x_ptr": ty, "d_ptr": ty, "z_ptr": ty, **_i32("M", "K", "R_REAL", "stride_xm", "stride_xk",
                                                               "stride_dk", "stride_dr", "stride_zm"),
                 "z_scale": "fp32", **_i32("seed", "thr")}
-        specs.append(_spec("lora_proj", _lora_proj_kernel, proj_config, dtype, R, div, proj,
-                           ("stride_xk", "stride_dr"), {"IN_MASK": True}, ("K", "stride_xm", "stride_dk")))
-        upd = {"y_ptr": ty, "z_ptr": ty, "v_ptr": ty, **_i32("M", "N", "R_REAL", "stride_ym", "stride_zm",
-                                                             "stride_vr", "stride_vn"),
-               "scale": "fp32", **_i32("seed", "thr")}
-        specs.append(_spec("lora_update", _lora_update_kernel, update_config, dtype, R, div, upd, ("stride_vn",),
-                           {"OUT_MASK": True}, ("N", "stride_ym", "stride_vr")))
         red = {"x_ptr": ty, "y_ptr": ty, "out_ptr": "*fp32", **_i32("M", "P", "R_REAL", "rows_per_split",
                                                                     "stride_xm", "stride_xp", "stride_ym",
                                                                     "stride_os"),
                "scale": "fp32", **_i32("seed", "thr")}
-        specs.append(_spec("lora_reduce", _lora_reduce_kernel, reduce_config, dtype, R, div, red, ("stride_xp",),
-                           {"IN_MASK": True}, ("P", "stride_xm", "stride_os")))
+        if div or wide:  # a 16-bit odd width is padded: the launcher runs the divisible build
+            specs.append(_spec("lora_proj", _lora_proj_kernel, proj_config, dtype, R, div, proj,
+                               ("stride_xk", "stride_dr"), {"IN_MASK": True}, ("K", "stride_xm", "stride_dk")))
+            specs.append(_spec("lora_reduce", _lora_reduce_kernel, reduce_config, dtype, R, div, red,
+                               ("stride_xp",), {"IN_MASK": True}, ("P", "stride_xm", "stride_os"),
+                               always=("rows_per_split",)))
+        upd = {"y_ptr": ty, "z_ptr": ty, "v_ptr": ty, **_i32("M", "N", "NV", "R_REAL", "cols_per_split",
+                                                             "stride_ym", "stride_zm", "stride_vr", "stride_vn"),
+               "scale": "fp32", **_i32("seed", "thr")}
+        specs.append(_spec("lora_update", _lora_update_kernel, update_config, dtype, R, div, upd, ("stride_vn",),
+                           {"OUT_MASK": True}, ("N", "stride_ym", "NV", "stride_vr"),
+                           always=("cols_per_split", "NV", "stride_vr")))  # V is padded
     return specs
 
 

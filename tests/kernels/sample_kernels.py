@@ -1,4 +1,5 @@
-"""Sample kernels for the compile-check tests: one that builds, one whose tile needs too much shared memory."""
+"""Sample kernels for the compile-check tests: one that builds, one whose tile needs too much shared memory, one
+whose operands load synchronously (K not known to be a multiple of 16: masked element loads, no cp.async)."""
 
 import triton
 import triton.language as tl
@@ -28,12 +29,14 @@ SIG = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i
        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 
 
-def _spec(name, bm, bn, bk, stages):
+def _spec(name, bm, bn, bk, stages, k_divisible=True):
     return KernelSpec(name, _sample_matmul_kernel, SIG,
                       {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=stages,
-                      divisible=("a_ptr", "b_ptr", "c_ptr", "stride_am", "stride_bk", "stride_cm"))
+                      divisible=("a_ptr", "b_ptr", "c_ptr", "stride_am", "stride_bk", "stride_cm")
+                      + (("K",) if k_divisible else ()))
 
 
 register_kernel("sample_matmul", lambda: [_spec("sample_matmul", 64, 64, 32, 3)])
 # BLOCK_K=512: the A and B tiles take (128*512 + 512*128) * 2 B = 256 KiB of shared memory, over every limit.
 register_kernel("sample_matmul_too_big", lambda: [_spec("sample_matmul_too_big", 128, 128, 512, 2)])
+register_kernel("sample_matmul_sync", lambda: [_spec("sample_matmul_sync", 64, 64, 32, 3, k_divisible=False)])
