@@ -1,8 +1,9 @@
 """Training modes of `sftfuse train` (`mode=`): what is trained, how it is keyed on disk, and what a run writes.
 
-- qlora (the default, as before `mode` existed): the frozen base is quantized to NF4 with double quantization and
-  the target linears get sftfuse `LoRALinear` adapters; the run writes a PEFT LoRA adapter (`adapter/`).
-- lora: the same adapters over the 16-bit base.
+- lora (the default since issue 18; `qlora=false`): the target linears of the frozen 16-bit base get sftfuse
+  `LoRALinear` adapters; the run writes a PEFT LoRA adapter (`adapter/`).
+- qlora (`qlora=true`, the default until issue 18): the same adapters over a base quantized to NF4 with double
+  quantization.
 - dora: PEFT's DoRA (`LoraConfig(use_dora=True)`) injected into the 16-bit base with `peft.inject_adapter_in_model`
   (the model stays a `*ForCausalLM`): each target linear computes m * (W + s B A) x / ||W + s B A||_row. There is
   no fused DoRA kernel: `patch_model` leaves PEFT's DoRA layers, and the gated MLPs made of them, to PEFT and says

@@ -285,8 +285,8 @@ def check_patch_parity(model: nn.Module, batch: dict, *, patch_options: dict | N
     res = _compare(ours, same, truth, dtype=dtype, rows=sub["labels"].shape[0], tokens=tokens,
                    all_ok=all_ok or (lambda ok: ok))
     res.seconds = time.perf_counter() - t0
-    log(f"patch parity: loss and {res.n_grads} adapter gradients ({res.n_groups} groups) within tolerance (largest "
-        f"error {res.grad_err:.1e} of {res.ref_dtype} PyTorch's gradient norm, PyTorch's own in {res.dtype} "
+    log(f"patch parity: loss and {res.n_grads} gradients of trained weights ({res.n_groups} groups) within tolerance "
+        f"(largest error {res.grad_err:.1e} of {res.ref_dtype} PyTorch's gradient norm, PyTorch's own in {res.dtype} "
         f"{res.torch_grad_err:.1e}; {res.worst} at {res.ratio:.2f} of its tolerance; {res.rows} row(s), "
         f"{res.tokens} tokens, {res.seconds:.1f} s)")
     return res

@@ -210,6 +210,6 @@ def _parity_line(parity: dict | None) -> str:
     if not parity:
         return "- patch parity: not checked (patch=false or verify_patch=false)"
     return (f"- patch parity (first batch, {parity['tokens']} tokens, against plain PyTorch in {parity['ref_dtype']}): "
-            f"loss and {parity['n_grads']} adapter gradients within tolerance; worst {parity['worst']} at "
+            f"loss and {parity['n_grads']} gradients of trained weights within tolerance; worst {parity['worst']} at "
             f"{parity['ratio']:.2f} of its tolerance ({parity['seconds']:.1f} s)")
 
