@@ -229,6 +229,7 @@ class FullMode(Mode):
                 model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
                 od.write_file(tmp / FULL_MARK, json.dumps(self.config(), indent=2) + "\n")
+            od.public_files(tmp)  # safetensors writes its file 0600; a model directory is for others to read
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -185,6 +185,19 @@ def staging_dir(parent: Path, name: str) -> Path:
     return tmp
 
 
+def public_files(directory: Path) -> None:
+    """Give the regular files directly in `directory` the mode a plain `open` would (0666 less the umask): some
+    writers (safetensors' save_file) create theirs 0600, which leaves a model directory unreadable to others."""
+    umask = 0o022
+    try:  # read, not set and reset: os.umask would change it for the process's other threads meanwhile
+        umask = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where the system or filesystem lacks it."""
     try:

@@ -8,6 +8,7 @@ transformers / PEFT with the logits of the model the run evaluated.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -95,6 +96,10 @@ def test_full_mode_resumes_and_saves_a_model_transformers_loads(tiny_dir, data_d
     cfg = _cfg(tiny_dir, data_dir, out, mode="full", patch=True, lr=1e-3, keep_checkpoints=0)
     t, res = _run(cfg)
     assert res.adapter_dir == out / "model" and not (out / "adapter").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "model").iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask, modes  # safetensors writes 0600: others could not read it
     assert t.parity is not None and t.parity.n_grads > 0  # the trained head's and norms' gradients were checked
     loaded = AutoModelForCausalLM.from_pretrained(out / "model")
     ids = torch.randint(0, loaded.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -247,3 +252,12 @@ def test_bf16_runs_pass_the_patch_parity_check(tiny_dir, data_dir, tmp_path, mod
     # full: the model's weights are bf16 and the masters copies; PEFT keeps DoRA's tensors in fp32 (their own masters)
     assert {p.dtype for p in t.params} == {torch.bfloat16 if mode == "full" else torch.float32}
     assert all(map(torch.isfinite, torch.tensor(res.losses)))
+
+
+def test_the_closing_line_names_a_full_runs_model_and_an_adapter_runs_adapter():
+    from sftfuse.train.report import summary_text
+
+    run = {"steps": 1, "train_seconds": 1.0, "tokens_per_s": 1.0, "wall_seconds": 1.0, "peak_memory": "1 GiB"}
+    full = summary_text(run, None, None, None, "OUT/model", "R", {"mode": "full"})
+    lora = summary_text(run, None, None, None, "OUT/adapter", "R", {"mode": "lora"})
+    assert full.endswith("\nmodel: OUT/model  report: R") and lora.endswith("\nadapter: OUT/adapter  report: R")
