@@ -3,7 +3,8 @@
 The choices: the dtype of 16-bit GEMMs (`gemm_dtype`: linear layers, LoRA, the NF4 matmul's decoded tiles, the loss
 head), of CPU attention (`attention_dtype`, torch's flash kernel timed in both dtypes), and the NF4 decode's tile
 sizes (`nf4_tiles`, from the L2 cache size). Kinds of CPU they tell apart (this project's hosts):
-- Intel Xeon with AMX-BF16: bf16 GEMMs 1.7-2.1 TFLOP/s against fp32's 0.21: everything in bf16.
+- Intel Xeon with AMX-BF16: bf16 GEMMs 1.7-2.1 TFLOP/s against fp32's 0.21: GEMMs in bf16; attention in fp32
+  (its flash kernel takes about the same time in both there, and a tie takes the wider dtype).
 - Intel Xeon with AVX512-BF16 and no AMX (or an AMX host with `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`): bf16 GEMMs at
   about half the fp32 rate: GEMMs and attention in fp32.
 - AMD EPYC Zen 5 (AVX512-BF16): bf16 about 4x fp32: bf16.
@@ -62,6 +63,11 @@ def _best_pair(fa, fb, reps: int = 7) -> tuple[float, float]:
 
 _GEMM_SHAPE = (256, 512, 1024)  # (M, K, N) of the measured product
 _MARGIN = 0.9  # fp32 must win by 10%: a tie keeps the native dtype (and its smaller transients)
+# Attention the other way round: the native dtype must win by 20%, a tie runs in fp32. Its two timings are close on
+# an AMX host (bf16 / fp32 measured 0.93-1.12 over a morning), so a 10% rule flipped with the host's load, and with
+# it the run's numerics: two default runs, same seed, answered 60 and 56 of 65 general questions. fp32 costs only
+# the casts there; without AMX it is 1.3-1.5x faster anyway; a Zen 5 (bf16 ~4x fp32) keeps bf16.
+_ATTENTION_MARGIN = 0.8
 
 
 def _measure_gemm(dtype: torch.dtype) -> tuple[float, float]:
@@ -111,15 +117,16 @@ def attention_times(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype CPU attention on `dtype` inputs runs in: `dtype`, or fp32 where torch's flash kernel is faster so
-    (measured: `attention_times`). `SFTFUSE_CPU_GEMM=native|fp32` forces either, as for GEMMs."""
+    """The dtype CPU attention on `dtype` inputs runs in: `dtype` where torch's flash kernel is clearly faster so
+    (by 20%, measured: `attention_times`), else fp32 (a tie: see _ATTENTION_MARGIN). `SFTFUSE_CPU_GEMM=native|fp32`
+    forces either, as for GEMMs."""
     if torch.device(device).type != "cpu" or dtype in (torch.float32, torch.float64):
         return dtype
     choice = _choice()
     if choice != "auto":
         return dtype if choice == "native" else torch.float32
     native, wide = attention_times(dtype)
-    return torch.float32 if wide < _MARGIN * native else dtype
+    return dtype if native < _ATTENTION_MARGIN * wide else torch.float32
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:

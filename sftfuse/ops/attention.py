@@ -72,8 +72,9 @@ def _flash_bwd(*args, **kwargs):
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """`torch.nn.functional.scaled_dot_product_attention`, same arguments and result, computed in fp32 for 16-bit
-    CPU inputs where torch's flash kernel is faster so on this CPU (`sftfuse.kernels._cpu.attention_dtype`, measured
-    once per process; on an AMX CPU bf16 is the faster one and torch's own function runs).
+    CPU inputs unless torch's flash kernel is clearly faster in their dtype on this CPU
+    (`sftfuse.kernels._cpu.attention_dtype`, measured once per process; where bf16 wins by 20%, torch's own
+    function runs).
 
     On such a CPU, torch's flash attention in bf16 runs its matmuls at bf16's rate: measured on this project's
     2-core Xeon (B=4, 9 heads, 256 tokens, head_dim 64, causal), forward + backward took 23 ms in bf16 and 10-12 ms

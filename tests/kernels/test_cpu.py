@@ -64,6 +64,17 @@ def test_plan_applies_its_choices_and_says_them(monkeypatch):
     assert _cpu.attention_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # GPUs are not this file's business
 
 
+@pytest.mark.parametrize("bf16_ms,fp32_ms,expect", [(1.11, 1.20, torch.float32), (1.68, 1.50, torch.float32),
+                                                     (1.0, 1.3, torch.bfloat16), (1.5, 1.1, torch.float32)])
+def test_attention_runs_in_bf16_only_where_it_is_clearly_faster(monkeypatch, bf16_ms, fp32_ms, expect):
+    """A near tie (an AMX host's timings, which moved either side of each other with the load, and flipped the
+    run's numerics) always takes fp32; bf16 must win by 20%."""
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "auto")
+    monkeypatch.setattr(_cpu, "attention_times", lambda dtype: (bf16_ms / 1e3, fp32_ms / 1e3))
+    assert _cpu.attention_dtype(torch.bfloat16) == expect
+    assert _cpu.attention_dtype(torch.float32) == torch.float32
+
+
 @pytest.mark.parametrize("cap,kind", [("", "AMX-BF16"), ("AVX512_CORE_BF16", "AVX512-BF16 (no AMX)"),
                                       ("AVX512_CORE_AMX", "AMX-BF16")])
 def test_cpu_kind_follows_the_onednn_cap(monkeypatch, cap, kind):
