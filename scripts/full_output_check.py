@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rd = RunData(cfg)
     rd.tokenize(tok, None, lambda msg: None)
-    out = ev.task_eval(model, tok, rd.test_rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    out = ev.task_eval(model, tok, rd.test_rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
     recorded = res["after"]
     print(f"{'family':<16} {'recorded':>9} {'reloaded':>9}")
     for fam, f in out["families"].items():
