@@ -30,7 +30,9 @@ def _setting(cfg: dict) -> str:
     return " ".join(diff) or "(defaults)"
 
 
-def _row(run_dir: Path, note: str = "") -> dict:
+def run_row(run_dir: Path, note: str = "") -> dict:
+    """One run's setting, task gain, worst family, forgetting figures and time, from its results.json (also read
+    by `scripts/modes_table.py`)."""
     res = json.loads((run_dir / "results.json").read_text())
     before, after, probe, run = res.get("before"), res.get("after"), res.get("probe") or {}, res["run"]
     fams = (after or {}).get("families", {})
@@ -48,7 +50,7 @@ def _row(run_dir: Path, note: str = "") -> dict:
             "wall_s": run.get("wall_seconds"), "tokens_per_s": run.get("tokens_per_s"), "steps": run.get("steps")}
 
 
-def _f(x, spec: str) -> str:
+def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
@@ -65,10 +67,11 @@ def write(rows: list[dict], out: Path, cpu: str) -> None:
              "probe KL | answer agreement | steps | wall time | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| `{r['setting']}` | {_f(r['before'], '.1f')}% -> {_f(r['after'], '.1f')}% | "
-                     f"{_f(r['gain'], '+.1f')} | {r['worst']} | {_f(r['nll_rise'], '+.1f')}% | {_f(r['kl'], '.4f')} | "
-                     f"{_f(r['agreement'], '.0f')}% | {r['steps']} | {_f(r['wall_s'], '.0f')} s | "
-                     f"{_f(r['tokens_per_s'], '.0f')} |")
+        lines.append(f"| `{r['setting']}` | {fmt(r['before'], '.1f')}% -> {fmt(r['after'], '.1f')}% | "
+                     f"{fmt(r['gain'], '+.1f')} | {r['worst']} | {fmt(r['nll_rise'], '+.1f')}% | "
+                     f"{fmt(r['kl'], '.4f')} | "
+                     f"{fmt(r['agreement'], '.0f')}% | {r['steps']} | {fmt(r['wall_s'], '.0f')} s | "
+                     f"{fmt(r['tokens_per_s'], '.0f')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "runs": rows}, indent=2) + "\n")
     import matplotlib
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"no results.json (unfinished run?) in: {', '.join(missing)}", file=sys.stderr)
         return 2
-    write([_row(d, note) for d, note in runs], args.out, args.cpu)
+    write([run_row(d, note) for d, note in runs], args.out, args.cpu)
     print(args.out.with_suffix(".md").read_text())
     return 0
 

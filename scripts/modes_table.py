@@ -22,6 +22,8 @@ import json
 import platform
 from pathlib import Path
 
+from forgetting_front import fmt, run_row  # scripts/, beside this file
+
 
 def _median_step(run_dir: Path) -> float | None:
     elapsed = [
@@ -32,42 +34,26 @@ def _median_step(run_dir: Path) -> float | None:
 
 
 def _row(run_dir: Path) -> dict:
+    """`forgetting_front.run_row`'s gain and forgetting figures, with the mode's own: what it trained, its speed,
+    memory, optimizer state and output size."""
     res = json.loads((run_dir / "results.json").read_text())
-    run, before, after, probe = res["run"], res.get("before"), res.get("after"), res.get("probe") or {}
-    fams = (after or {}).get("families", {})
-    worst = min(((after["families"][f]["acc"] - before["families"][f]["acc"], f) for f in fams), default=None)
-    answers = probe.get("answers") or {}
-    steps = run.get("steps") or 0
+    run, steps = res["run"], res["run"].get("steps") or 0
     return {
-        "dir": str(run_dir),
+        **{k: v for k, v in run_row(run_dir).items() if k not in ('setting', 'short')},  # the front's labels
         "mode": run.get("mode"),
         "optimizer": run.get("optimizer"),
         "trainable_params": run.get("trainable_params"),
-        "steps": steps,
-        "before": 100 * before["mean_acc"] if before else None,
-        "after": 100 * after["mean_acc"] if after else None,
-        "gain": 100 * (after["mean_acc"] - before["mean_acc"]) if before and after else None,
-        "worst": f"{worst[1]} {100 * worst[0]:+.1f}" if worst else "-",
-        "nll_rise": 100 * probe["relative_change"] if probe else None,
-        "kl": probe.get("kl"),
-        "agreement": 100 * answers["agreement"] if answers else None,
         "median_step_s": _median_step(run_dir),
         "loop_s_per_step": run["train_seconds"] / steps if steps else None,
-        "tokens_per_s": run.get("tokens_per_s"),
         "peak_memory": run.get("peak_memory"),
         "optimizer_state_bytes": run.get("optimizer_state_bytes"),
         "saved_bytes": run.get("saved_bytes"),
-        "wall_s": run.get("wall_seconds"),
         "threads": run.get("threads"),
     }
 
 
 def _spec(row: dict) -> str:
     return row["mode"] + ("" if row["optimizer"] == "adamw" else f":{row['optimizer']}")
-
-
-def _f(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def _bytes(n) -> str:
@@ -106,16 +92,16 @@ def table(rows: list[dict]) -> list[str]:
                     r["mode"],
                     r["optimizer"],
                     f"{r['trainable_params'] / 1e6:.2f} M",
-                    f"{_f(r['before'], '.1f')}% -> {_f(r['after'], '.1f')}%",
-                    _f(r["gain"], "+.1f"),
+                    f"{fmt(r['before'], '.1f')}% -> {fmt(r['after'], '.1f')}%",
+                    fmt(r["gain"], "+.1f"),
                     r["worst"],
-                    _f(r["nll_rise"], "+.1f") + "%",
-                    _f(r["kl"], ".3f"),
-                    _f(r["agreement"], ".1f") + "%",
-                    _f(r.get("interleaved_step_s"), ".2f"),
-                    _f(r["median_step_s"], ".2f"),
-                    _f(r["loop_s_per_step"], ".2f"),
-                    _f(r["tokens_per_s"], ".0f"),
+                    fmt(r["nll_rise"], "+.1f") + "%",
+                    fmt(r["kl"], ".3f"),
+                    fmt(r["agreement"], ".1f") + "%",
+                    fmt(r.get("interleaved_step_s"), ".2f"),
+                    fmt(r["median_step_s"], ".2f"),
+                    fmt(r["loop_s_per_step"], ".2f"),
+                    fmt(r["tokens_per_s"], ".0f"),
                     peak,
                     _bytes(r["optimizer_state_bytes"]),
                     _bytes(r["saved_bytes"]),
