@@ -78,3 +78,16 @@ def count_calls(monkeypatch, name: str, module) -> list:
 
 def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_trains_alike(monkeypatch, ref, patched, steps: int, module) -> None:
+    """`steps` AdamW steps of the unpatched `ref` and of `patched` on the same three SFT batches: the patched one
+    goes through `module.lora_linear` (the other never does), with the same losses and adapter weights."""
+    calls = count_calls(monkeypatch, "lora_linear", module)
+    batches = [[sft_batch(seed=s)] for s in range(3)]
+    ref_losses, ref_w = train(ref, batches, steps=steps)
+    assert not calls
+    losses, w = train(patched, batches, steps=steps)
+    assert calls
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    assert max_diff(w, ref_w) < 1e-4

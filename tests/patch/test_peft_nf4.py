@@ -19,7 +19,7 @@ from sftfuse.modules.quantize import quantize_model
 from sftfuse.ops import lora
 from sftfuse.patch.patcher import patch_model
 from sftfuse.train.models import tiny_model
-from tests.patch.common import ATTN, count_calls, max_diff, peft, sft_batch, train
+from tests.patch.common import ATTN, assert_trains_alike, max_diff, peft, sft_batch, train
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,14 +66,7 @@ def test_peft_qlora_flow_end_to_end(family, use_rslora, tmp_path, monkeypatch):
     assert g.keys() == ref_g.keys() and len(g) == 28
     for k in g:
         torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6, msg=k)
-    calls = count_calls(monkeypatch, "lora_linear", lora)
-    batches = [[sft_batch(seed=s)] for s in range(3)]
-    ref_losses, ref_w = train(ref, batches, steps=5)
-    assert not calls
-    losses, w = train(patched, batches, steps=5)
-    assert calls
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
-    assert max_diff(w, ref_w) < 1e-4
+    assert_trains_alike(monkeypatch, ref, patched, 5, lora)
     _check_adapter_on_plain_model(patched, family, tmp_path, use_rslora)
 
 

@@ -12,11 +12,10 @@ from sftfuse.ops import lora, nf4
 from sftfuse.patch.patcher import patch_model
 from sftfuse.train.models import tiny_model
 from tests.patch.common import (
+    assert_trains_alike,
     count_calls,
-    max_diff,
     peft,
     sft_batch,
-    train,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,14 +45,7 @@ def test_bnb_qlora_matches_unpatched(family, tmp_path, monkeypatch):
     report = patch_model(patched, strict=True)
     ops = {(e.module_type, e.op) for e in report.swapped}
     assert ("lora.Linear4bit", "lora_linear") in ops and ("bnb.Linear4bit", "nf4_matmul") in ops
-    calls = count_calls(monkeypatch, "lora_linear", lora)
-    batches = [[sft_batch(seed=s)] for s in range(3)]
-    ref_losses, ref_w = train(ref_model, batches, steps=6)
-    assert not calls
-    losses, w = train(patched, batches, steps=6)
-    assert calls
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
-    assert max_diff(w, ref_w) < 1e-4
+    assert_trains_alike(monkeypatch, ref_model, patched, 6, lora)
 
 
 def test_bnb_linear4bit_alone_uses_nf4_matmul(tmp_path, monkeypatch):
