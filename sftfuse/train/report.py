@@ -182,8 +182,8 @@ def summary_text(run: dict, before: dict | None, after: dict | None, probe: dict
                      f"{_num(probe.get('kl'))} per token"
                      + (f", general questions still answered {a['still_correct']}/{a['base_correct']}" if a else ""))
         lines += fg.warnings(probe, cfg)
-    what = "model" if cfg.get("mode") == "full" else "adapter"  # a full fine-tune writes a model directory
-    lines.append(f"{what}: {adapter_dir}  report: {report_path}")
+    # what the mode wrote, named by its directory (`Mode.output_name`): adapter/, or model/ for a full fine-tune
+    lines.append(f"{Path(adapter_dir).name}: {adapter_dir}  report: {report_path}")
     return "\n".join(lines)
 
 
