@@ -7,7 +7,9 @@ sizes (`nf4_tiles`, from the L2 cache size). Kinds of CPU they tell apart (this 
   (its flash kernel takes about the same time in both there, and a tie takes the wider dtype).
 - Intel Xeon with AVX512-BF16 and no AMX (or an AMX host with `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`): bf16 GEMMs at
   about half the fp32 rate: GEMMs and attention in fp32.
-- AMD EPYC Zen 5 (AVX512-BF16): bf16 about 4x fp32: bf16.
+- AMD EPYC (AVX512-BF16): bf16 about 2.5x fp32 on a Zen 4 (EPYC family 25, 432 against 173 GFLOP/s on 2
+  cores), about 4x on a Zen 5: GEMMs in bf16; attention in fp32 where bf16's flash kernel is not 20% faster (Zen 4:
+  bf16 1.9 ms, fp32 1.7).
 `cpu_plan()` gathers the choices with the measured rates; the patch report and `sftfuse verify` print it.
 
 The GEMM dtype: which dtype the PyTorch paths run their CPU GEMMs in, for 16-bit inputs: their own, or fp32.
@@ -189,19 +191,25 @@ def nf4_tiles() -> tuple[int, int]:
 
 
 def cpu_kind() -> str:
-    """'AMX-BF16', 'AVX512-BF16 (no AMX)', 'AVX512 (no bf16)' or 'no AVX512', from /proc/cpuinfo; with
-    ONEDNN_MAX_CPU_ISA set below AMX on an AMX CPU, the kind it emulates (oneDNN then leaves AMX alone)."""
+    """The vendor and the bf16 hardware oneDNN may use, from /proc/cpuinfo: 'Intel AMX-BF16', 'Intel AVX512-BF16 (no
+    AMX)', 'AMD AVX512-BF16', '... AVX512 (no bf16)' or '... no AVX512'. With ONEDNN_MAX_CPU_ISA capped below a
+    CPU's best (AVX512_CORE_BF16 on an AMX host, AVX512_CORE on a bf16 one), the kind it emulates, and the cap."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = set()
+        text = ""
+    flags = set(text.split())
+    vendor = "AMD" if "AuthenticAMD" in flags else "Intel" if "GenuineIntel" in flags else "CPU"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    amx = "amx_bf16" in flags and (not cap or "AMX" in cap or cap == "ALL")
-    if amx:
-        return "AMX-BF16"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16 (no AMX)" + (f", AMX off by ONEDNN_MAX_CPU_ISA={cap}" if "amx_bf16" in flags else "")
-    return "AVX512 (no bf16)" if "avx512f" in flags else "no AVX512"
+    capped = f", capped by ONEDNN_MAX_CPU_ISA={cap}" if cap and cap != "ALL" else ""
+    if "amx_bf16" in flags and (not capped or "AMX" in cap):
+        return f"{vendor} AMX-BF16"
+    if "avx512_bf16" in flags and (not capped or "BF16" in cap or "AMX" in cap):
+        no_amx = " (no AMX)" if vendor == "Intel" else ""
+        return f"{vendor} AVX512-BF16{no_amx}" + (capped if "amx_bf16" in flags else "")
+    if "avx512f" in flags:
+        return f"{vendor} AVX512 (no bf16)" + (capped if "avx512_bf16" in flags else "")
+    return f"{vendor} no AVX512"
 
 
 @dataclass(frozen=True)
