@@ -2,9 +2,9 @@
 
 x (M, K) tokens x in-features, W (N, K) frozen, A (r, K), B (N, r), s = alpha / r (alpha / sqrt(r), rsLoRA).
 Dropout keeps x with probability 1 - p and scales by 1 / (1 - p); its mask is a pure function of the adapter's seed,
-so no dropped-out copy of x is ever stored. The Triton kernels hash it from (seed, row, column) in registers
-(`dropout_mask`); the PyTorch path draws it once per call from torch's generator (`cpu_drop_mask`,
-`sftfuse.kernels.dropout`) and the ops keep it as bits (M K / 8 bytes) for the backward (`draw_drop`, `saved_drop`).
+so no dropped-out copy of x and no mask is ever stored. The Triton kernels hash it from (seed, row, column) in
+registers (`dropout_mask`); the PyTorch path draws the dropped positions from torch's generator seeded by it, as
+geometric gaps (`cpu_drop_positions`, `sftfuse.kernels.dropout`), in the forward and again in the backward.
 
 Forward: t = dropout(x) A^T (M, r); y = x W^T + b + s t B^T. Saved: x (a view of the caller's tensor, so layers
 reading the same x share it), t and the seed. PEFT saves, per adapted layer, an fp32 dropped-out copy of x and
@@ -17,9 +17,9 @@ PyTorch path (CPU, this file): the same plan in plain ops, GEMMs in x's dtype or
 on this CPU (`sftfuse.kernels._cpu`; a dense base weight is then cast per call, a transient copy; over an NF4
 base the adapter stays in x's dtype and nf4_matmul makes that choice around its decoded tiles), the adapter terms
 accumulated into the big products with addmm_ (no (M, N) temporary in the forward; dx = (u A) masked, then
-dy W added inside one GEMM). The mask costs one draw and one compare per element in the forward (it replaced a
-hash-table gather made in the forward and again in the backward: a third of an end-to-end step on an AMX CPU,
-where the GEMMs are fast), and one unpack of its bits in the backward. An NF4 base goes
+dy W added inside one GEMM). The mask costs about p M K draws and writes (the dropped positions zeroed in a copy
+of x, and in u A), not a pass per element: per-element masks (a hash-table gather, then a draw, a compare and
+torch.where per element) took a third of an end-to-end step on an AMX CPU, where the GEMMs are fast. An NF4 base goes
 through `nf4_matmul_fwd` / `nf4_matmul_bwd`. Triton path: the kernels in `sftfuse.kernels.lora_triton`, launched
 from here; ranks above 64 (one R tile) take the PyTorch path, with a warning once per process.
 """
@@ -38,7 +38,7 @@ from sftfuse.kernels._registry import (
     use_triton,
     warn_once,
 )
-from sftfuse.kernels.dropout import drop_mask, pack_bits, unpack_bits
+from sftfuse.kernels.dropout import drop_mask, drop_positions, dropped_copy, zero_at
 
 # Odd 32-bit multipliers (golden ratio, murmur3) and the shift of the per-element mixer.
 _C1, _C2, _C3, _C4 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F
@@ -92,25 +92,15 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> t
     return _mix(rk[:, None] + ck[None, :]) >= dropout_threshold(p)
 
 
+def cpu_drop_positions(seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The PyTorch path's dropped positions of x (M, K), flat, int64: torch's generator seeded by `seed`
+    (`sftfuse.kernels.dropout`), not the Triton path's hash; a pure function of (seed, M K, p)."""
+    return drop_positions(seed, x.numel(), p, device=x.device)
+
+
 def cpu_drop_mask(seed: int, rows: int, cols: int, p: float, *, device=None) -> torch.Tensor:
-    """The PyTorch path's drop mask (True = dropped), bool (rows, cols): torch's generator seeded by `seed`
-    (`sftfuse.kernels.dropout`), not the Triton path's hash; a pure function of (seed, rows, cols, p)."""
-    return drop_mask(seed, rows * cols, p, device=device)[: rows * cols].view(rows, cols)
-
-
-def draw_drop(x: torch.Tensor, seed: int, p: float, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(drop mask (M, K) bool, its bits (uint8) to keep for the backward) for x (M, K) on the PyTorch path, drawn
-    once; (None, None) when p == 0 or on the Triton path (its kernels hash the mask from the seed in registers)."""
-    if p <= 0 or _use_triton(x, rank):
-        return None, None
-    M, K = x.shape
-    full = drop_mask(seed, M * K, p, device=x.device)
-    return full[: M * K].view(M, K), pack_bits(full)
-
-
-def saved_drop(bits: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """The drop mask (M, K) that `draw_drop` drew for x (M, K), from its kept bits (None stays None)."""
-    return None if bits is None else unpack_bits(bits, x.shape[0], x.shape[1])
+    """The PyTorch path's drop mask (True = dropped) as a dense bool (rows, cols): the tests' view of it."""
+    return drop_mask(drop_positions(seed, rows * cols, p, device=device), rows, cols)
 
 
 def keep_mask(x: torch.Tensor, seed: int, p: float, rank: int | None = None) -> torch.Tensor | None:
@@ -161,15 +151,18 @@ def _gemm_dtype(x, base):
     return gemm_dtype(x.dtype, x.device) if _dense(base) is not None else x.dtype
 
 
-def _lora_fwd_torch(x, base, A, B, s, bias, seed, p, drop=None):
+def _dropped(x: torch.Tensor, xc: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """dropout(x) unscaled, from xc = x in the GEMM dtype, for one GEMM: xc itself when nothing is dropped, xc
+    zeroed in place when it is a cast copy of x, else a reused copy (`dropped_copy`)."""
+    if drop is None:
+        return xc
+    return zero_at(xc, drop) if xc.data_ptr() != x.data_ptr() else dropped_copy(xc, drop)
+
+
+def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):
     cd = _gemm_dtype(x, base)
-    if p > 0 and drop is None:
-        drop = cpu_drop_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    drop = cpu_drop_positions(seed, x, p) if p > 0 else None
     xc = x.to(cd)
-    xa = xc if drop is None else torch.where(drop, 0, xc)
-    t = xa @ A.to(cd).T  # (M, r)
-    if p > 0:
-        t.mul_(1.0 / (1.0 - p))
     W = _dense(base)
     if W is None:
         from sftfuse.kernels.nf4 import nf4_matmul_fwd
@@ -178,14 +171,16 @@ def _lora_fwd_torch(x, base, A, B, s, bias, seed, p, drop=None):
     else:
         Wc, bc = W.to(cd), None if bias is None else bias.to(cd)  # a transient fp32 copy where cd is fp32
         y = torch.addmm(bc, xc, Wc.T) if bc is not None else xc @ Wc.T
+    t = _dropped(x, xc, drop) @ A.to(cd).T  # (M, r); after xc's last use: a cast copy is zeroed in place
+    if p > 0:
+        t.mul_(1.0 / (1.0 - p))
     y.addmm_(t, B.to(cd).T, alpha=s)  # the rank-r term accumulated into the base product, no (M, N) temporary
     return y.to(x.dtype), t.to(x.dtype)
 
 
-def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx, drop=None):
+def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx):
     cd = _gemm_dtype(dy, base)
-    if p > 0 and drop is None:
-        drop = cpu_drop_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    drop = cpu_drop_positions(seed, x, p) if p > 0 else None  # the forward's positions, drawn again
     dyc, Ac = dy.to(cd), A.to(cd)
     u = dyc @ B.to(cd)  # (M, r)
     dx = None
@@ -193,7 +188,7 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx, drop=None):
         W = _dense(base)
         g = u @ Ac  # (M, K): the adapter's share of dx, masked where the forward dropped x
         if drop is not None:
-            g.masked_fill_(drop, 0)
+            zero_at(g, drop)
         if W is None:
             from sftfuse.kernels.nf4 import nf4_matmul_bwd
 
@@ -201,8 +196,7 @@ def _lora_bwd_torch(dy, x, t, base, A, B, s, seed, p, need_dx, drop=None):
         else:
             dx = g.addmm_(dyc, W.to(cd), beta=s / (1.0 - p))  # dy W accumulated onto it inside the GEMM
         dx = dx.to(dy.dtype)
-    xc = x.to(cd)
-    xa = xc if drop is None else torch.where(drop, 0, xc)
+    xa = _dropped(x, x.to(cd), drop)
     dA = torch.mm(u.T, xa).mul_(s / (1.0 - p)).to(A.dtype)  # (r, K)
     dB = torch.mm(t.to(cd).T, dyc).mul_(s).T.contiguous().to(B.dtype)  # (N, r); t^T dy reads dy in its layout
     return dx, dA, dB
@@ -240,28 +234,27 @@ def adapter_dtype(x: torch.Tensor, base) -> torch.dtype:
     return x.dtype if _use_triton(x) else _gemm_dtype(x, base)
 
 
-def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.0, drop=None):
+def lora_linear_fwd(x, base, lora_A, lora_B, scaling, *, bias=None, seed=0, p=0.0):
     """Forward of `lora_linear` on 2-D x, no autograd.
 
     Args:
         x: (M, K). base: (N, K) tensor or NF4Weight. lora_A: (r, K), lora_B: (N, r), in x's dtype.
-        scaling: s. bias: (N,) or None. seed, p: dropout seed and probability (p = 0: no dropout).
-        drop: the PyTorch path's drop mask (M, K) bool, drawn already (`draw_drop`); None: drawn from the seed.
-            The Triton path ignores it (its kernels hash the mask from the seed).
+        scaling: s. bias: (N,) or None. seed, p: dropout seed and probability (p = 0: no dropout); the mask is
+            a pure function of the seed on each path, so the backward, given the same seed, drops the same x.
     Returns:
         (y (M, N), t (M, r)): the output and the saved projection t = dropout(x) A^T.
     """
     if _use_triton(x, lora_A.shape[0]):
         return lora_fwd_triton(x, base, lora_A, lora_B, scaling, bias, seed, p)
-    return _lora_fwd_torch(x, base, lora_A, lora_B, scaling, bias, seed, p, drop)
+    return _lora_fwd_torch(x, base, lora_A, lora_B, scaling, bias, seed, p)
 
 
-def lora_linear_bwd(dy, x, t, base, lora_A, lora_B, scaling, *, seed=0, p=0.0, need_dx=True, drop=None):
-    """Backward of `lora_linear` on 2-D tensors: (dx (M, K) or None, dA (r, K), dB (N, r)), in x's dtype; `drop`
-    as for `lora_linear_fwd` (the forward's mask, e.g. `saved_drop` of its bits)."""
+def lora_linear_bwd(dy, x, t, base, lora_A, lora_B, scaling, *, seed=0, p=0.0, need_dx=True):
+    """Backward of `lora_linear` on 2-D tensors: (dx (M, K) or None, dA (r, K), dB (N, r)), in x's dtype; seed and
+    p as the forward's."""
     if _use_triton(dy, lora_A.shape[0]):
         return lora_bwd_triton(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
-    return _lora_bwd_torch(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx, drop)
+    return _lora_bwd_torch(dy, x, t, base, lora_A, lora_B, scaling, seed, p, need_dx)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from sftfuse.kernels.lora import adapter_dtype, draw_drop, lora_linear_bwd, lora_linear_fwd, new_seed, saved_drop
+from sftfuse.kernels.lora import adapter_dtype, lora_linear_bwd, lora_linear_fwd, new_seed
 from sftfuse.ops._common import without_autocast
 
 
@@ -28,12 +28,11 @@ class _LoRASaved(NamedTuple):
     lora_A: torch.Tensor  # (r, K) the adapter itself, not its cast
     lora_B: torch.Tensor  # (N, r)
     weight: torch.Tensor | None  # (N, K) a dense base; None for an NF4 base (kept on ctx)
-    drop_bits: torch.Tensor | None  # (ceil(M K / 8),) uint8: the PyTorch path's dropout mask; None without one
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * (dropout(x) A^T) B^T; saves x, t = dropout(x) A^T and the dropout seed (and, on the
-    PyTorch path, the mask it drew, as bits)."""
+    """y = x W^T + b + s * (dropout(x) A^T) B^T; saves x, t = dropout(x) A^T and the dropout seed (from which
+    either path draws the same mask again in the backward)."""
 
     @staticmethod
     @without_autocast
@@ -42,10 +41,9 @@ class LoRALinearFunction(torch.autograd.Function):
         cd = adapter_dtype(x, base)
         A, B = lora_A.to(cd), lora_B.to(cd)  # adapters kept in another dtype compute in x's (or the GEMM's)
         b = bias.to(x.dtype) if bias is not None else None
-        drop, bits = draw_drop(x2, opts.seed, opts.p, lora_A.shape[0])  # once per call; None on the Triton path
-        y, t = lora_linear_fwd(x2, base, A, B, opts.scaling, bias=b, seed=opts.seed, p=opts.p, drop=drop)
+        y, t = lora_linear_fwd(x2, base, A, B, opts.scaling, bias=b, seed=opts.seed, p=opts.p)
         dense = isinstance(base, torch.Tensor)
-        ctx.save_for_backward(*_LoRASaved(x2, t, lora_A, lora_B, base if dense else None, bits))
+        ctx.save_for_backward(*_LoRASaved(x2, t, lora_A, lora_B, base if dense else None))
         ctx.opts, ctx.cd, ctx.nf4, ctx.x_shape = opts, cd, None if dense else base, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -58,7 +56,7 @@ class LoRALinearFunction(torch.autograd.Function):
         base = saved.weight if saved.weight is not None else ctx.nf4
         dy2 = dy.reshape(-1, dy.shape[-1]).to(saved.x2.dtype)
         dx, dA, dB = lora_linear_bwd(dy2, saved.x2, saved.t, base, A, B, opts.scaling, seed=opts.seed, p=opts.p,
-                                     need_dx=ctx.needs_input_grad[0], drop=saved_drop(saved.drop_bits, saved.x2))
+                                     need_dx=ctx.needs_input_grad[0])
         db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return dx, None, dA.to(saved.lora_A.dtype), dB.to(saved.lora_B.dtype), db, None

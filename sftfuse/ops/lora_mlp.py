@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from sftfuse.kernels.gated_mlp import ACTS, gated_bwd, gated_fwd
-from sftfuse.kernels.lora import adapter_dtype, draw_drop, lora_linear_bwd, lora_linear_fwd, new_seed, saved_drop
+from sftfuse.kernels.lora import adapter_dtype, lora_linear_bwd, lora_linear_fwd, new_seed
 from sftfuse.ops._common import without_autocast
 
 
@@ -50,9 +50,6 @@ class _MLPSaved(NamedTuple):
     up_B: torch.Tensor
     down_A: torch.Tensor
     down_B: torch.Tensor
-    gate_bits: torch.Tensor | None  # the PyTorch path's dropout masks as bits (`draw_drop`); None without one
-    up_bits: torch.Tensor | None
-    down_bits: torch.Tensor | None
 
     @property
     def adapters(self) -> tuple[torch.Tensor, ...]:
@@ -72,15 +69,12 @@ class _LoRAMLPFunction(torch.autograd.Function):
         pg, pu, pd = opts.gate, opts.up, opts.down
         cd = adapter_dtype(x2, pg.base)  # x's dtype, or the GEMM's (as in LoRALinearFunction)
         ab = [w.to(cd) for w in adapters]
-        rg, ru, rd = (adapters[i].shape[0] for i in (0, 2, 4))
-        (dg, bg), (du, bu) = draw_drop(x2, pg.seed, pg.p, rg), draw_drop(x2, pu.seed, pu.p, ru)  # once per step
-        g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p, drop=dg)
-        u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p, drop=du)
+        g, tg = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
+        u, tu = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
         h = gated_fwd(g, u, opts.act)  # in x's dtype, as the unfused block (SiLU/GELU compute in fp32 inside)
-        dd, bd = draw_drop(h, pd.seed, pd.p, rd)
-        y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p, drop=dd)
+        y, td = lora_linear_fwd(h, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed, p=pd.p)
         kept = (None, None) if opts.recompute else (g, u)
-        ctx.save_for_backward(*_MLPSaved(x2, tg, tu, td, *kept, *adapters, bg, bu, bd))  # adapters, not casts
+        ctx.save_for_backward(*_MLPSaved(x2, tg, tu, td, *kept, *adapters))  # adapters, not casts
         ctx.opts, ctx.cd, ctx.x_shape = opts, cd, x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -92,23 +86,22 @@ class _LoRAMLPFunction(torch.autograd.Function):
         pg, pu, pd = opts.gate, opts.up, opts.down
         x2, g, u = saved.x2, saved.g, saved.u
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype).contiguous()
-        dg_mask, du_mask = saved_drop(saved.gate_bits, x2), saved_drop(saved.up_bits, x2)
-        if g is None:  # recompute: gate and up run forward again (same dropout masks: kept bits, or the seeds)
-            g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p, drop=dg_mask)
-            u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p, drop=du_mask)
+        if g is None:  # recompute: gate and up run forward again (the same dropout masks: they follow the seeds)
+            g, _ = lora_linear_fwd(x2, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed, p=pg.p)
+            u, _ = lora_linear_fwd(x2, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed, p=pu.p)
         # the elementwise part in x's dtype, as autograd would run the unfused block (no fp32 copies: at 1536
         # wide they were 5 x 6 MB of transients per layer)
         h, a = gated_fwd(g, u, opts.act, keep_act=True)  # a = act(g) on the PyTorch path, None on the Triton path
         dh, dA_d, dB_d = lora_linear_bwd(dy2, h, saved.t_down, pd.base, ab[4], ab[5], pd.scaling, seed=pd.seed,
-                                         p=pd.p, drop=saved_drop(saved.down_bits, h))
+                                         p=pd.p)
         del h
         dg, du = gated_bwd(dh, g, u, opts.act, a)
         del a, g, u, dh
         need_dx = ctx.needs_input_grad[0]
         dxg, dA_g, dB_g = lora_linear_bwd(dg, x2, saved.t_gate, pg.base, ab[0], ab[1], pg.scaling, seed=pg.seed,
-                                          p=pg.p, need_dx=need_dx, drop=dg_mask)
+                                          p=pg.p, need_dx=need_dx)
         dxu, dA_u, dB_u = lora_linear_bwd(du, x2, saved.t_up, pu.base, ab[2], ab[3], pu.scaling, seed=pu.seed,
-                                          p=pu.p, need_dx=need_dx, drop=du_mask)
+                                          p=pu.p, need_dx=need_dx)
         dx = dxg.add_(dxu).reshape(ctx.x_shape) if need_dx else None
         grads = [t.to(w.dtype) for t, w in zip((dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), saved.adapters, strict=True)]
         return dx, None, *grads
