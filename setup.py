@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     # Only `sftfuse` and its subpackages: never a top-level `kernels` (transformers imports one by that name).
     packages=find_packages(include=["sftfuse", "sftfuse.*"]),
-    package_data={"sftfuse": ["data/*.jsonl", "data/*.json"]},
+    # kernels/*.c: the native NF4 decode, built from source at first use (sftfuse/kernels/_native.py)
+    package_data={"sftfuse": ["data/*.jsonl", "data/*.json", "kernels/*.c"]},
     install_requires=[
         "torch>=2.5",
         "triton>=3.2",

@@ -183,11 +183,13 @@ def _pow2_floor(n: int) -> int:
 @cache
 def nf4_tiles() -> tuple[int, int]:
     """(values per decoded NF4 weight tile, values per decode step) for the CPU matmul, from the L2 size: L2 / 2
-    values per tile, a 16-bit tile as large as L2 (2 MiB L2: 2^20 values, the size measured best here), and L2 / 8
+    values per tile, a 16-bit tile as large as L2 (2 MiB L2: 2^20 values, the size measured best here), at least
+    2^20 (a 1 MiB L2 split SmolLM2's (1536 x 576) weights in two: two GEMMs and an fp32 sum of dx, 1.27x
+    bitsandbytes' time against 1.02x whole on a 2-core AMD EPYC, with the native decode), and L2 / 8
     values per step, whose fp32 temporary fills half of L2 (2^18 values: 2^15 cost 1.6x the decode time on 2 quiet
     cores, each op's thread team paying for its start; much larger ones leave L2)."""
     l2 = _l2_bytes()
-    return min(max(_pow2_floor(l2 // 2), 1 << 18), 1 << 22), min(max(_pow2_floor(l2 // 8), 1 << 15), 1 << 20)
+    return min(max(_pow2_floor(l2 // 2), 1 << 20), 1 << 22), min(max(_pow2_floor(l2 // 8), 1 << 15), 1 << 20)
 
 
 def cpu_kind() -> str:
@@ -226,6 +228,7 @@ class CpuPlan:
     attention_ms: tuple[float, float]  # (bf16, fp32) forward + backward of the probe
     nf4_tile: int
     nf4_step: int
+    nf4_decode: str  # `sftfuse.kernels._native.describe()`: native (AVX-512 or scalar C) or torch ops
 
     @property
     def best_gflops(self) -> float:
@@ -240,8 +243,8 @@ class CpuPlan:
         return (f"CPU plan: {self.kind}, {self.threads} threads. GEMM bf16 {self.bf16_gflops:,.0f} vs fp32 "
                 f"{self.fp32_gflops:,.0f} GFLOP/s -> 16-bit GEMMs in {name(self.gemm)} ({why}); attention bf16 "
                 f"{self.attention_ms[0]:.2f} vs fp32 {self.attention_ms[1]:.2f} ms -> {name(self.attention)}; "
-                f"NF4 decode to {name(self.gemm)} tiles of {self.nf4_tile:,} values, {self.nf4_step:,} per step "
-                f"(L2 {_l2_bytes() >> 10} KiB)")
+                f"{self.nf4_decode} to {name(self.gemm)} tiles of {self.nf4_tile:,} values, {self.nf4_step:,} per "
+                f"step (L2 {_l2_bytes() >> 10} KiB)")
 
 
 @cache
@@ -251,6 +254,8 @@ def cpu_plan() -> CpuPlan:
     native, wide = gemm_times(torch.bfloat16)
     att = attention_times(torch.bfloat16)
     tile, step = nf4_tiles()
+    from sftfuse.kernels._native import describe
+
     return CpuPlan(cpu_kind(), torch.get_num_threads(), _choice(), 2 * m * k * n / native / 1e9,
                    2 * m * k * n / wide / 1e9, gemm_dtype(torch.bfloat16), attention_dtype(torch.bfloat16),
-                   (att[0] * 1e3, att[1] * 1e3), tile, step)
+                   (att[0] * 1e3, att[1] * 1e3), tile, step, describe())
