@@ -153,10 +153,12 @@ def _gemm_dtype(x, base):
 
 def _dropped(x: torch.Tensor, xc: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
     """dropout(x) unscaled, from xc = x in the GEMM dtype, for one GEMM: xc itself when nothing is dropped, xc
-    zeroed in place when it is a cast copy of x, else a reused copy (`dropped_copy`)."""
+    zeroed in place when it is a contiguous cast copy of x, else a reused contiguous copy (`dropped_copy`): the
+    positions index x (M, K) row-major, whatever its strides."""
     if drop is None:
         return xc
-    return zero_at(xc, drop) if xc.data_ptr() != x.data_ptr() else dropped_copy(xc, drop)
+    own = xc.data_ptr() != x.data_ptr() and xc.is_contiguous()
+    return zero_at(xc, drop) if own else dropped_copy(xc, drop)
 
 
 def _lora_fwd_torch(x, base, A, B, s, bias, seed, p):

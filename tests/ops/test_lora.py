@@ -108,6 +108,30 @@ def test_cpu_drop_positions_are_sorted_in_range_and_a_prefix_of_a_longer_draw(p)
         drop_positions(5, 10, 1.0)
 
 
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
+def test_cpu_dropout_on_a_strided_input(monkeypatch, gemm):
+    """x given transposed (not contiguous), on the PyTorch path with GEMMs in x's dtype and in fp32 (where x's cast
+    copy keeps x's strides): the dropped positions still index x row-major, so y and the grads match the reference
+    at the path's own mask."""
+    monkeypatch.setenv("SFTFUSE_BACKEND", "torch")
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", gemm)
+    M, K, N, r, p = 37, 48, 20, 8, 0.3
+    x = randn(K, M, dtype=torch.bfloat16).T.requires_grad_()
+    assert not x.is_contiguous()
+    W, A, B = randn(N, K, dtype=torch.bfloat16), randn(r, K, requires_grad=True), randn(N, r, requires_grad=True)
+    dy = randn(M, N, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    y = lora_linear(x, W, A, B, 2.0, dropout=p)
+    torch.manual_seed(5)
+    keep = keep_mask(x.detach(), new_seed(), p, r)
+    got = torch.autograd.grad(y, (x, A, B), dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    ref = lora_linear_ref(leaves[0], W, leaves[1], leaves[2], 2.0, keep=keep, p=p, upcast=True)
+    assert_close(y.float(), ref.detach(), dtype=torch.bfloat16, name="y")
+    for name, g, rg in zip(("dx", "dA", "dB"), got, torch.autograd.grad(ref, leaves, dy.double()), strict=True):
+        assert_close(g.float(), rg, dtype=torch.bfloat16, name=name)
+
+
 def test_forward_and_backward_use_the_same_cpu_mask():
     """On the PyTorch path the backward draws the forward's positions again from the seed: with the default
     generator moved on between forward and backward (other layers draw seeds meanwhile), dA still matches the
