@@ -5,7 +5,7 @@ scale, the cast to bf16): 0.51 ms for a (1536 x 576) weight on a 2-core AMD EPYC
 decode takes 0.09 ms and the (1024-token) GEMM after it 4.1 ms. Done twice per step (forward and backward), that
 kept `nf4_matmul` 1.1-1.3x slower than bitsandbytes. The C file does the same arithmetic (fp32 product, one
 round-to-nearest-even) in one pass, with AVX-512 where the CPU has it, bit-identical to the PyTorch path: 0.09 ms
-for that weight, on torch's own OpenMP threads, and `nf4_matmul` at 0.97-0.99x bitsandbytes' time.
+for that weight, on torch's own OpenMP threads, and `nf4_matmul` at 0.97-1.02x bitsandbytes' time.
 
 How: the machine's C compiler ($CC, else cc or gcc; Triton needs one too) builds it once with -O3 -march=native
 into sftfuse's cache directory ($SFTFUSE_CACHE_DIR, else $XDG_CACHE_HOME/sftfuse, else ~/.cache/sftfuse), under

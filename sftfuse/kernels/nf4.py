@@ -25,7 +25,7 @@ Matmul: y = x @ W_hat^T + b (forward), dx = dy @ W_hat (backward; the base is fr
   Where this machine's C compiler could build it, the decode itself runs as native code of the same arithmetic
   (sftfuse/kernels/nf4_decode.c, `sftfuse.kernels._native`: one pass, AVX-512, torch's OpenMP threads, the double
   quantization decoded on the way), bit-equal to the torch ops: 5x faster, which brought the matmul from 1.1-1.3x
-  bitsandbytes' time to 0.97-0.99x on a 2-core AMD EPYC.
+  bitsandbytes' time to 0.97-1.02x (run to run) on a 2-core AMD EPYC.
 
 Rounding matches bitsandbytes 0.50 on CPU, checked in tests/kernels/test_nf4.py: NF4 indices are the nearest code, ties
 to the lower one; the nested 8-bit indices follow bitsandbytes' native CPU quantizer, which snaps the normalized
