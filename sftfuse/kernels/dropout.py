@@ -77,7 +77,7 @@ def dropped_copy(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """
     n = x.numel()
     if n > _SCRATCH_MAX:
-        return zero_at(x.contiguous().clone(), positions)
+        return zero_at(x.clone(memory_format=torch.contiguous_format), positions)  # one copy, row-major
     bufs = _local.__dict__.setdefault("bufs", {})
     key = (x.device, x.dtype)
     buf = bufs.get(key)

@@ -108,6 +108,23 @@ def test_cpu_drop_positions_are_sorted_in_range_and_a_prefix_of_a_longer_draw(p)
         drop_positions(5, 10, 1.0)
 
 
+@pytest.mark.parametrize("limit", [1 << 24, 16])
+def test_dropped_copy_is_x_row_major_with_the_positions_zeroed(monkeypatch, limit):
+    """The copy the forward multiplies: from the reused buffer, and (a limit below x's size) a fresh copy; from a
+    transposed x both are row-major, equal to x but at the positions, and x itself is untouched."""
+    from sftfuse.kernels import dropout
+
+    monkeypatch.setattr(dropout, "_SCRATCH_MAX", limit)
+    x = randn(9, 7, dtype=torch.bfloat16).T
+    before = x.clone()
+    pos = drop_positions(3, x.numel(), 0.3)
+    got = dropout.dropped_copy(x, pos)
+    want = x.contiguous().view(-1).clone()
+    want[pos] = 0
+    assert got.is_contiguous() and got.shape == x.shape and torch.equal(got.view(-1), want)
+    assert torch.equal(x, before)
+
+
 @pytest.mark.parametrize("gemm", ["native", "fp32"])
 def test_cpu_dropout_on_a_strided_input(monkeypatch, gemm):
     """x given transposed (not contiguous), on the PyTorch path with GEMMs in x's dtype and in fp32 (where x's cast
