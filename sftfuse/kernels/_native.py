@@ -98,17 +98,22 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def _active() -> ctypes.CDLL | None:
+    """The library unless SFTFUSE_NATIVE=off (read per call, so tests switch paths through it)."""
+    return None if _choice() == "off" else _library()
+
+
 def nf4_decode_native():
     """The C function `nf4_decode(packed, scales, absmax, nested_code, nested_absmax, offset, code, first, n,
     blocksize, out_bf16, out_f32, threads)` (nf4_decode.c; pointers as ints, unused ones None), or None where it
     cannot be built or SFTFUSE_NATIVE=off."""
-    lib = None if _choice() == "off" else _library()
+    lib = _active()
     return None if lib is None else lib.nf4_decode
 
 
 def describe() -> str:
     """One phrase for the CPU plan: which NF4 decode runs here."""
-    lib = None if _choice() == "off" else _library()
+    lib = _active()
     if lib is None:
         return "NF4 decode in torch ops" + (" (SFTFUSE_NATIVE=off)" if _choice() == "off" else " (no native build)")
     return "NF4 decode native" + (" (AVX-512)" if lib.nf4_decode_simd() else " (scalar C)")
