@@ -22,6 +22,7 @@ class _CEOptions:
     reduction: str
     loss: LossOptions
     num_items: float | torch.Tensor | None
+    grad: bool = True  # autograd records the call (grad mode was on at `linear_cross_entropy`)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_weight = torch.ones(n, dtype=torch.float32, device=y.device)
         loss, lse, hit, saved, ctx.state = lce.linear_cross_entropy_forward(
             hidden, weight, bias, y, idx, row_weight, options=opts.loss, reduction=opts.reduction,
-            needs=tuple(ctx.needs_input_grad[:3]))
+            needs=tuple(n and opts.grad for n in ctx.needs_input_grad[:3]))  # under no_grad: no gradient formed
         if saved is not None:
             ctx.save_for_backward(*saved)
         total = loss if opts.reduction == "none" else (loss * row_weight).sum()
@@ -167,7 +168,10 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
     if isinstance(num_items, float) and n and not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
-    opts = _CEOptions(reduction, LossOptions(label_smoothing, z_loss, softcap, logit_scale), num_items)
+    # needs_input_grad says True under no_grad too (it reads requires_grad): grad mode is taken here, before apply,
+    # or an evaluation of a trained head (full fine-tuning) would form dW and dh in the forward for nothing.
+    opts = _CEOptions(reduction, LossOptions(label_smoothing, z_loss, softcap, logit_scale), num_items,
+                      torch.is_grad_enabled())
     loss, sums = _LinearCrossEntropy.apply(hidden2.to(weight.dtype).contiguous(), weight.contiguous(),
                                            None if bias is None else bias.contiguous(), y, idx, opts)
     if reduction == "none":

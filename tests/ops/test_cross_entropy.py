@@ -240,6 +240,26 @@ def test_frozen_weight_gets_no_gradient_work(backend, monkeypatch):
     assert_close(g, ref.double(), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_grad_forms_no_gradient(backend, monkeypatch, dtype):
+    """Under torch.no_grad (an evaluation of a trained head: full fine-tuning) the forward forms no gradient, though
+    the weight and hidden require grad (autograd's needs_input_grad says True there); the loss is unchanged.
+    Before the fix the PyTorch path formed dh, dW and db in the forward and threw them away."""
+    calls = []
+    real = lce.linear_cross_entropy_forward
+    monkeypatch.setattr(lce, "linear_cross_entropy_forward",
+                        lambda *a, _real=real, **k: calls.append(k["needs"]) or _real(*a, **k))
+    hidden, weight, bias, labels = _inputs((3, 29), 64, 1031, dtype, masked=0.3)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias)
+    assert calls == [(False, False, False)]
+    assert not loss.requires_grad
+    ref = linear_cross_entropy_ref(hidden.detach(), weight.detach(), labels, bias=bias.detach(), upcast=True)
+    assert_close(loss.double(), ref, dtype=dtype, name="loss")
+    linear_cross_entropy(hidden, weight, labels, bias=bias)  # grad mode on again: every gradient wanted
+    assert calls[-1] == (True, True, True)
+
+
 # The options that change the one-pass gradient's finishing terms (smoothing's is a column sum of the weight, softcap's
 # a factor on every entry) and one where smoothing meets softcap, which takes the two-pass path.
 FROZEN_OPTIONS = [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 5.0, "logit_scale": 1.3},
