@@ -23,6 +23,7 @@ _API = {
     "LoRALinear": "sftfuse.modules.linear",
     "patch_model": "sftfuse.patch.patcher",
     "unpatch_model": "sftfuse.patch.patcher",
+    "loss_only": "sftfuse.patch.patcher",
     "PatchReport": "sftfuse.patch.patcher",
     "load_default_model": "sftfuse.train.models",
     "tiny_model": "sftfuse.train.models",

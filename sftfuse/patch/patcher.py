@@ -18,7 +18,9 @@ The swaps (the loss swap here, the others and their table rows in `sftfuse.patch
   backward on that module's outputs) sees an ordinary call, never a read of a still-sharded attribute. In eval
   mode, without labels, with `logits_to_keep`, `return_dict=False` or TRL's `fused_lm_head` (unless
   `trl_head=True`: `sftfuse.patch.trl`), the original forward runs unchanged, so evaluation and `generate()` are
-  as before.
+  as before. Inside `with loss_only():` a call in eval mode with labels takes the fused loss too (logits=None): for
+  callers that want only the loss (the trainer's validation and probe), which then never form the (tokens x V)
+  logits and skip the rows without a label.
 - lora: a PEFT LoRA `Linear` (over `nn.Linear`, bitsandbytes NF4 `Linear4bit` or sftfuse `NF4Linear`) computes
   `lora_linear(x, base, A, B, scaling, bias=, dropout=)` on the same parameters, in the base's compute dtype (PEFT
   upcasts activations to its fp32 adapters; lora_linear casts the adapters down, unless its GEMMs run in fp32
@@ -46,8 +48,10 @@ sftfuse's own `NF4Linear` and `LoRALinear` already run the fused ops and are lis
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -58,6 +62,18 @@ from sftfuse.patch.families import FAMILIES, Family, family_of, loaded_classes
 from sftfuse.patch.swaps import SWAPS, Swap, _is_nf4_linear
 
 _RECORD = "_sftfuse_forward"  # instance attribute: the _Forward we installed (present while patched)
+_LOSS_ONLY = contextvars.ContextVar("sftfuse_loss_only", default=False)
+
+
+@contextlib.contextmanager
+def loss_only() -> Iterator[None]:
+    """Within it, a patched causal LM called with labels returns the fused loss in eval mode as in training
+    (`logits=None`): for evaluations that need only the loss. Per thread / async context; nests."""
+    token = _LOSS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOSS_ONLY.reset(token)
 
 
 class _Forward:
@@ -113,7 +129,7 @@ def _causal_lm_forward(model, original, state, *args, **kwargs):
 
         call = dict(zip(state["arg_names"], args, strict=False))
         return trl_head_forward(model, original, state, {**call, **kwargs}, args, kwargs)
-    if not model.training or kwargs.get("fused_lm_head") or kwargs.get("return_dict") is False:
+    if not (model.training or _LOSS_ONLY.get()) or kwargs.get("fused_lm_head") or kwargs.get("return_dict") is False:
         return original(*args, **kwargs)
     call = dict(zip(state["arg_names"], args, strict=False))
     call.update(kwargs)

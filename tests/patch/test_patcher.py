@@ -20,7 +20,7 @@ from torch import nn
 
 from sftfuse.ops import attention, lora_mlp
 from sftfuse.patch.families import FAMILIES
-from sftfuse.patch.patcher import PatchReport, is_patched, patch_model, unpatch_model
+from sftfuse.patch.patcher import PatchReport, is_patched, loss_only, patch_model, unpatch_model
 from sftfuse.train.models import tiny_model
 from tests.patch.common import (
     ATTN,
@@ -102,6 +102,30 @@ def test_single_forward_equals_hf_loss(family):
     with torch.no_grad():
         torch.testing.assert_close(model(**b).loss, ref.loss, rtol=1e-6, atol=1e-6)  # eval: HF's own path
         assert model(**b).logits.shape == (2, T, VOCAB)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_loss_only_takes_the_fused_loss_in_eval(monkeypatch, family):
+    """`with loss_only():` an eval-mode call with labels gets the fused loss (logits=None), equal to HF's; outside
+    it, and without labels inside it, eval is HF's own path (logits kept); unpatched models ignore it."""
+    from sftfuse.ops import cross_entropy as ce_op
+
+    model = lora_model(family)
+    b = sft_batch()
+    with torch.no_grad():
+        ref = model.eval()(**b)
+    patch_model(model)
+    calls = count_calls(monkeypatch, "linear_cross_entropy", ce_op)
+    with torch.no_grad(), loss_only():
+        out = model(**b)
+        assert len(calls) == 1 and out.logits is None
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+        assert model(input_ids=b["input_ids"]).logits.shape == (2, T, VOCAB)  # no labels: logits, as HF
+    with torch.no_grad():
+        assert model(**b).logits is not None and len(calls) == 1  # outside it: HF's eval path
+    unpatch_model(model)
+    with torch.no_grad(), loss_only():
+        assert model(**b).logits is not None and len(calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
