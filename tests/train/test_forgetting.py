@@ -116,6 +116,30 @@ def test_mean_loss_is_the_token_weighted_mean_and_nan_without_labels(tiny_dir):
                                    device=torch.device("cpu")))
 
 
+def test_mean_loss_patched_and_packed_equals_plain(tiny_dir, monkeypatch):
+    """The trainer's validation and probe: a patched model scores through the fused loss (`loss_only`, no logits)
+    and packed rows (per-document attention) score the same tokens, so the value is the plain, unpacked one."""
+    from sftfuse.ops import cross_entropy as ce_op
+    from sftfuse.patch.patcher import patch_model, unpatch_model
+    from sftfuse.train import data
+
+    model, tok = _tiny(tiny_dir)
+    prompts = ["user: hi\n", "user: what now\n", "user: count to five\n"]
+    rows = fg.answer_examples(tok, prompts, ["hello", "nothing at all", "one two three four five"], max_length=64)
+    kw = {"pad_id": tok.pad_token_id, "mask_dtype": torch.float32, "device": torch.device("cpu")}
+    plain = fg.mean_loss(model, rows, batch_size=2, packed=False, **kw)
+    calls = []
+    real = ce_op.linear_cross_entropy
+    monkeypatch.setattr(ce_op, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    patch_model(model.train())
+    packed = data.pack(rows, max_length=64)
+    assert len(packed) == 1  # the three documents share one row
+    got = fg.mean_loss(model, packed, batch_size=2, packed=True, **kw)
+    assert calls and got == pytest.approx(plain, rel=1e-4)
+    assert model.training  # mean_loss leaves the mode as it found it
+    unpatch_model(model)
+
+
 def test_warnings_name_the_levers():
     cfg = {"replay_ratio": 0.0, "lr": 1e-3, "max_steps": 60}
     calm = {"relative_change": 0.03, "answers": {"agreement": 0.95}}
