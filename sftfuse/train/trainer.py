@@ -151,7 +151,7 @@ class Trainer:
         probe = fg.answer_examples(self.tok, b.get("probe_prompts", []), b.get("probe_answers", []),
                                    max_length=self.cfg.max_length)
         # packed as the validation rows are (per-document attention: the same tokens scored, the same loss), so the
-        # probe at each validation is 2 forwards of full rows instead of 6 of padded short ones
+        # probe at each validation is 3 forwards of full rows instead of 6 of padded short ones (the bundled probe)
         self.probe_rows = pack(probe, max_length=self.cfg.max_length) if self.cfg.packing else probe
         self.times["eval"] += time.perf_counter() - t0
 
