@@ -22,7 +22,9 @@ class _CEOptions:
     reduction: str
     loss: LossOptions
     num_items: float | torch.Tensor | None
-    grad: bool = True  # autograd records the call (grad mode was on at `linear_cross_entropy`)
+    # grad mode at the call: under no_grad no gradient is formed (an evaluation of a trained head, full fine-tuning,
+    # would otherwise form dW and dh in the forward for nothing)
+    grad: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     logit_scale = _as_float(logit_scale, "logit_scale")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None:
-        softcap = _as_float(softcap, "softcap")
-        if not softcap > 0:
-            raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    softcap = _as_float(softcap, "softcap") if softcap is not None else None
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     triton = use_triton(hidden, weight)
     num_items = _num_items(num_items_in_batch, reduction, triton)
     labels = labels.long()
@@ -168,10 +169,8 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         raise ValueError(f"labels must be in [0, {V}) or {ignore_index}, got values in [{lo}, {hi}]")
     if isinstance(num_items, float) and n and not num_items > 0:
         raise ValueError(f"num_items_in_batch must be > 0 when tokens are counted, got {num_items}")
-    # needs_input_grad says True under no_grad too (it reads requires_grad): grad mode is taken here, before apply,
-    # or an evaluation of a trained head (full fine-tuning) would form dW and dh in the forward for nothing.
     opts = _CEOptions(reduction, LossOptions(label_smoothing, z_loss, softcap, logit_scale), num_items,
-                      torch.is_grad_enabled())
+                      torch.is_grad_enabled())  # read before apply: needs_input_grad says True under no_grad too
     loss, sums = _LinearCrossEntropy.apply(hidden2.to(weight.dtype).contiguous(), weight.contiguous(),
                                            None if bias is None else bias.contiguous(), y, idx, opts)
     if reduction == "none":
