@@ -95,6 +95,13 @@ def accuracy_table(before: dict | None, after: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _spent_in(run: dict) -> str:
+    """', of which validation 41 s and checkpoints 1 s' (the parts of the training time that train nothing)."""
+    parts = [f"{name} {run[key]:.0f} s" for name, key in (("validation", "validate_seconds"),
+                                                          ("checkpoints", "checkpoint_seconds")) if run.get(key)]
+    return f", of which {' and '.join(parts)}" if parts else ""
+
+
 def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: dict | None, after: dict | None,
                  probe: dict | None, run: dict, loss_png: str | None) -> Path:
     """report.md: data report, accuracy before/after, forgetting probe, loss curve, throughput, peak memory."""
@@ -131,7 +138,7 @@ def write_report(path: str | Path, *, cfg: dict, data_md: str | None, before: di
               f"- best validation loss: {run['best_val_loss']:.4f} at step {run['best_step']} (its adapter is kept)"
               if run.get("best_val_loss") is not None else "- no validation",
               (f"- throughput: {run['tokens_per_s']:.0f} tokens/s ({run['train_tokens']} tokens, "
-              f"{run['train_seconds']:.0f} s of training)"),
+              f"{run['train_seconds']:.0f} s of training{_spent_in(run)})"),
               f"- peak memory: {run['peak_memory']}",
               _parity_line(run.get("patch_parity")),
               (f"- wall time: {run['wall_seconds']:.0f} s in all (model load {run['load_seconds']:.0f} s, "

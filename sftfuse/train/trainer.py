@@ -90,7 +90,7 @@ class Trainer:
         self.metrics = rp.MetricsLog(self.out / "metrics.jsonl")
         self.t_start = time.perf_counter()
         self.cpu_start = time.process_time()
-        self.times = {"load": 0.0, "eval": 0.0, "train": 0.0}
+        self.times = {"load": 0.0, "eval": 0.0, "train": 0.0, "validate": 0.0, "checkpoint": 0.0}
 
     # ------------------------------------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
@@ -339,11 +339,15 @@ class Trainer:
                 stopped = True
                 self.log(f"step {self.step}: {self.stop_reason}")
             elif cfg.eval_interval and self.run_data.val_rows and (self.step % cfg.eval_interval == 0 or last):
+                t_val = time.perf_counter()
                 stopped = self._validate(rec)
+                self.times["validate"] += time.perf_counter() - t_val
             if self.step % max(cfg.log_every, 1) == 0 or "val_loss" in rec:
                 self.metrics.append(rec)
             if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0) and not last and not stopped:
+                t_ck = time.perf_counter()
                 self.save_checkpoint()
+                self.times["checkpoint"] += time.perf_counter() - t_ck
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                             **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
             bar.update(1)
@@ -398,6 +402,7 @@ class Trainer:
                "stopped_early": res.stopped_early, "stop_reason": res.stop_reason, "bad_steps": res.bad_steps,
                "best_val_loss": self.best_val, "best_step": self.best_step, "tokens_per_s": res.tokens_per_s,
                "train_tokens": self.train_tokens, "train_seconds": self.times["train"],
+               "validate_seconds": self.times["validate"], "checkpoint_seconds": self.times["checkpoint"],
                "peak_memory": peak_memory(self.device), "wall_seconds": time.perf_counter() - self.t_start,
                "load_seconds": self.times["load"], "eval_seconds": self.times["eval"],
                "cpu_seconds": time.process_time() - self.cpu_start, "threads": torch.get_num_threads(),

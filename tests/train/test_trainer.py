@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def test_end_to_end_report_and_peft_logits(tiny_dir, data_dir, tmp_path):
     for needle in ("Task accuracy", "## Forgetting", "KL(base", "general questions", "tokens/s", "peak memory",
                    "loss_curve.png", "Data report"):
         assert needle in report
+    assert re.search(r"s of training, of which validation \d+ s", report)  # the part of it that trains nothing
     assert (out / "loss_curve.png").stat().st_size > 1000
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
