@@ -20,8 +20,9 @@ kernels; `cross_entropy_launch.py`: their launchers and the op's one Triton-or-P
 - PyTorch (CPU, and the specification): counted rows in chunks of 256, gathered one chunk at a time; each chunk's
   logits formed one (rows x vocab-tile) tile at a time in one reused fp32 buffer, the tiles sized by a 1.75 MiB budget
   (`_config`; a cast bf16 weight slice comes on top). A first pass keeps an online log-sum-exp; a second recomputes
-  each tile, turns it into its logit gradient in place and accumulates dh (per chunk, written into the (N, H)
-  gradient), dW and db (fp32) from it, so the backward only scales them by grad_output. A head small enough for one
+  each tile, turns it into its logit gradient in place and accumulates dh (straight into the (N, H) gradient's
+  first rows, moved to the counted rows' places at the end: `_compact_dh`), dW and db (fp32) from it, so the
+  backward only scales them by grad_output. A head small enough for one
   tile is computed once. The cost of tiling is one extra logits GEMM (8 n H V FLOPs instead of 6), the price of
   holding only the outputs: at the SmolLM2 head, 2048 tokens, fp32, peak memory is 0.0995x eager's and time 0.57-0.61x
   (bench/). A frozen head (LoRA: only dh wanted) takes one pass: dh is accumulated beside the log-sum-exp, as
@@ -48,9 +49,10 @@ import torch
 import torch.nn.functional as F
 
 # Bytes of working buffers the PyTorch path may hold beyond its outputs: one (rows x vocab-tile) fp32 logits
-# tile (+ a copy for softcap, + the GEMM-dtype tile) and the row chunk's hidden rows and gradient. The SmolLM2
-# head's outputs (fp32 dW 113 MB, dh 4.7 MB at 2048 tokens) are 0.098x of eager's 1.2 GB peak; the buffers add
-# 1.5% of that. Measured on 2 cores: 256 x 640 tiles ran as fast as 256 x 896, 10% faster than 128 x 896.
+# tile (+ a copy for softcap, + the GEMM-dtype tile) and the row chunk's hidden rows and gradient (those two in
+# rows of the dh output where it has them free: `_compact_dh`). The SmolLM2 head's outputs (fp32 dW 113 MB, dh
+# 4.7 MB at 2048 tokens) are 0.098x of eager's 1.2 GB peak; the buffers add 1.5% of that. Measured on 2 cores:
+# 256 x 640 tiles ran as fast as 256 x 896, 10% faster than 128 x 896.
 _TORCH_BUDGET = 7 << 18  # 1.75 MiB (a cast weight slice comes on top: `_config`)
 _ROWS = 256  # rows per chunk when the vocabulary must be tiled: K of the weight-gradient GEMM
 
@@ -117,10 +119,11 @@ class _TileBuffers:
 
     zflat: one (rows x cols) fp32 logits tile; lflat: its GEMM-dtype twin when GEMMs are not fp32; tflat:
     tanh(z / cap) with softcap; wbuf: a weight slice cast for the GEMM (one tile: the whole head, cast once, is
-    wfull); hbuf: the chunk's rows, gathered and in the GEMM dtype; dhbuf: their gradient, fp32 (when dh is wanted).
+    wfull); hbuf: the chunk's rows, gathered and in the GEMM dtype, in `hspace` when given (rows of the (N, H)
+    gradient that no chunk has written yet: `_compact_dh`). A chunk's gradient rows are written straight into dh.
     """
 
-    def __init__(self, h, weight, bias, *, rows, cols, cd, softcap, logit_scale, gather, need_dh):
+    def __init__(self, h, weight, bias, *, rows, cols, cd, softcap, logit_scale, gather, hspace=None):
         V, H = weight.shape
         f32 = {"dtype": torch.float32, "device": h.device}
         self.weight, self.bias, self.cd, self.softcap, self.logit_scale = weight, bias, cd, softcap, logit_scale
@@ -130,9 +133,11 @@ class _TileBuffers:
         self.tflat = torch.empty(rows * cols, **f32) if softcap is not None else None
         self.wbuf = torch.empty(cols, H, dtype=cd, device=h.device) if weight.dtype != cd and not self.single else None
         self.wfull = weight.to(cd) if weight.dtype != cd and self.single else weight  # one tile: the whole head
-        # The chunk's rows (gathered, in the GEMM dtype) and their gradient: one buffer each, reused by every chunk.
-        self.hbuf = torch.empty(rows, H, dtype=cd, device=h.device) if gather or h.dtype != cd else None
-        self.dhbuf = torch.empty(rows, H, **f32) if need_dh else None
+        # The chunk's rows, gathered and in the GEMM dtype: one buffer, reused by every chunk.
+        self.hbuf = None
+        if gather or h.dtype != cd:
+            self.hbuf = torch.empty(rows, H, dtype=cd, device=h.device) if hspace is None else \
+                hspace.view(-1).view(cd)[: rows * H].view(rows, H)
 
     def chunk(self, h, rows_idx, s, e):
         """Counted rows [s, e) of h, (c, H) in the GEMM dtype (gathered at rows_idx[s:e] when given)."""
@@ -261,12 +266,40 @@ def _grad_pass(bufs: _TileBuffers, hc, yc, lc, ssum, r, coef, *, eps, dhc, dw, d
             db[v0:v1] += z.sum(0)
 
 
-def _store_rows(dh, rows_idx, s, e, dhc):
-    """A chunk's rows of dh into the (N, H) gradient (at their rows in h when only some are counted)."""
-    if rows_idx is None:
-        dh[s:e] = dhc
-    else:
-        dh.index_copy_(0, rows_idx[s:e], dhc)
+def _compact_dh(dh, rows_idx, rows: int, hbytes: int):
+    """Where the counted rows' gradients are formed, (n, H) fp32, and the space the chunks' gathered rows may use.
+
+    The counted rows' gradients go, chunk by chunk, into dh's first n rows, and `_scatter_rows` moves them to their
+    rows at the end, in place: no (rows, H) gradient buffer. dh's last rows, which no chunk writes when n + rows <=
+    N, hold the chunks' gathered rows (`hbytes` per row), zeroed by the scatter. So the working memory beyond the
+    outputs is the logits tile alone; for the SmolLM2 head (fp32, 2048 tokens, half counted) 1.2 MB less, which is
+    1% of eager's peak: its extra memory went from 0.0997-0.101x of eager's to under 0.1x.
+    Needs rows_idx ascending (as `nonzero` gives them); else a separate (n, H) buffer is written and copied."""
+    n = dh.shape[0] if rows_idx is None else rows_idx.shape[0]
+    N, H = dh.shape
+    ascending = rows_idx is None or n < 2 or bool((rows_idx[1:] > rows_idx[:-1]).all())
+    compact = dh[:n] if ascending else dh.new_zeros(n, H)
+    tail = -(-rows * hbytes // (4 * H))  # rows of dh that hold `rows` gathered rows
+    hspace = dh[N - tail:] if ascending and rows_idx is not None and n + tail <= N else None
+    return compact, hspace
+
+
+_SCATTER_BLOCK = 64  # rows moved at a time by `_scatter_rows`
+
+
+def _scatter_rows(dh, compact, rows_idx):
+    """Row i of `compact` (the counted rows' gradients) to dh's row rows_idx[i], every other row of dh zeroed. In
+    place when compact is dh's head: blocks from the last, since rows_idx[i] >= i (ascending, distinct) a block
+    only lands on rows already moved, or its own (hence the block's copy)."""
+    if compact.data_ptr() != dh.data_ptr():
+        dh.zero_().index_copy_(0, rows_idx, compact)
+        return
+    n, block = compact.shape[0], _SCATTER_BLOCK
+    for a in range((n - 1) // block * block, -1, -block):
+        b = min(a + block, n)
+        dh.index_copy_(0, rows_idx[a:b], compact[a:b].clone())
+    other = torch.ones(dh.shape[0], dtype=torch.bool, device=dh.device).index_fill_(0, rows_idx, False)
+    dh.index_fill_(0, other.nonzero().squeeze(1), 0.0)
 
 
 def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=None, label_smoothing=0.0,
@@ -304,8 +337,9 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
     rows, cols = tiles or _config(V, H, n=n, gemm_bytes=torch.finfo(cd).bits // 8,
                                   weight_cast=weight.dtype != cd, softcap=softcap is not None)
     rows, cols = min(rows, n), min(cols, V)
+    compact, hspace = (None, None) if dh is None else _compact_dh(dh, rows_idx, rows, torch.finfo(cd).bits // 8 * H)
     bufs = _TileBuffers(h, weight, bias, rows=rows, cols=cols, cd=cd, softcap=softcap, logit_scale=logit_scale,
-                  gather=rows_idx is not None, need_dh=dh is not None)
+                        gather=rows_idx is not None, hspace=hspace)
     eps = label_smoothing
     # One pass when only dh is asked for (a frozen head: LoRA SFT): flash-attention style, dh_i = sum_v g_iv W_v is
     # accumulated as acc_i = sum_v exp(z_iv - m_i) f_iv W_v (f = d z / d a), rescaled as the running max m_i grows,
@@ -320,7 +354,7 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
     for s in range(0, n, rows):
         e = min(s + rows, n)
         hc, yc = bufs.chunk(h, rows_idx, s, e), y[s:e]
-        dhc = bufs.dhbuf[: e - s].zero_() if dh is not None else None  # online: sum_v exp(z - max) f W as it goes
+        dhc = compact[s:e] if dh is not None else None  # zeros; online: sum_v exp(z - max) f W as it goes
         zmax, ssum, zy, zsum = _lse_pass(bufs, hc, yc, eps, dhc if online else None)
         lc = ssum.log().add_(zmax)  # (c,) log-sum-exp
         lse[s:e] = lc
@@ -337,6 +371,6 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
             _finish_online_dh(dhc, weight, yc, zy, ssum, r, coef, eps=eps, softcap=softcap, wsum=wsum)
         else:
             _grad_pass(bufs, hc, yc, lc, ssum, r, coef, eps=eps, dhc=dhc, dw=dw, db=db, first=s == 0)
-        if dhc is not None:
-            _store_rows(dh, rows_idx, s, e, dhc)
+    if dh is not None and rows_idx is not None:
+        _scatter_rows(dh, compact, rows_idx)
     return loss, lse, hit, dh, dw, db
