@@ -29,6 +29,7 @@ one activation). Saved activations stay in their own dtype.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -194,7 +195,8 @@ def nf4_tiles() -> tuple[int, int]:
 
 def cpu_kind() -> str:
     """The vendor and the bf16 hardware oneDNN may use, from /proc/cpuinfo: 'Intel AMX-BF16', 'Intel AVX512-BF16 (no
-    AMX)', 'AMD AVX512-BF16', '... AVX512 (no bf16)' or '... no AVX512'. With ONEDNN_MAX_CPU_ISA capped below a
+    AMX)', 'AMD Zen 5 AVX512-BF16' (the AMD generation from the CPU family), '... AVX512 (no bf16)' or
+    '... no AVX512'. With ONEDNN_MAX_CPU_ISA capped below a
     CPU's best (AVX512_CORE_BF16 on an AMX host, AVX512_CORE on a bf16 one), the kind it emulates, and the cap."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -202,6 +204,9 @@ def cpu_kind() -> str:
         text = ""
     flags = set(text.split())
     vendor = "AMD" if "AuthenticAMD" in flags else "Intel" if "GenuineIntel" in flags else "CPU"
+    family = re.search(r"cpu family\s*:\s*(\d+)", text)
+    if vendor == "AMD" and family and "avx512f" in flags:  # Zen 4 (family 25) and Zen 5 (26) differ: bf16 2.5x vs 4x
+        vendor += {25: " Zen 4", 26: " Zen 5"}.get(int(family.group(1)), f" family {family.group(1)}")
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     capped = f", capped by ONEDNN_MAX_CPU_ISA={cap}" if cap and cap != "ALL" else ""
     if "amx_bf16" in flags and (not capped or "AMX" in cap):
