@@ -113,31 +113,44 @@ def _config(V: int, H: int, *, n: int, gemm_bytes: int, weight_cast: bool, softc
     return rows, max(64, cols // 64 * 64)
 
 
+class _Space:
+    """Working buffers carved from a free region (rows of the dh output that no chunk writes: `_compact_dh`), and
+    allocated where it has no room left."""
+
+    def __init__(self, free: torch.Tensor | None, device):
+        self.bytes = None if free is None else free.reshape(-1).view(torch.uint8)
+        self.at, self.device = 0, device
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        n = numel * torch.empty(0, dtype=dtype).element_size()
+        if self.bytes is not None and self.at + n <= self.bytes.numel():
+            out = self.bytes[self.at:self.at + n].view(dtype)
+            self.at += -(-n // 64) * 64  # the next buffer 64-byte aligned, as torch's own
+            return out
+        return torch.empty(numel, dtype=dtype, device=self.device)
+
+
 class _TileBuffers:
     """The PyTorch path's working buffers, reused by every row chunk and vocabulary tile, and the logits tile formed
-    in them.
+    in them; carved from `space` where it has room (`_Space`).
 
     zflat: one (rows x cols) fp32 logits tile; lflat: its GEMM-dtype twin when GEMMs are not fp32; tflat:
     tanh(z / cap) with softcap; wbuf: a weight slice cast for the GEMM (one tile: the whole head, cast once, is
-    wfull); hbuf: the chunk's rows, gathered and in the GEMM dtype, in `hspace` when given (rows of the (N, H)
-    gradient that no chunk has written yet: `_compact_dh`). A chunk's gradient rows are written straight into dh.
+    wfull); hbuf: the chunk's rows, gathered and in the GEMM dtype. A chunk's gradient rows are written straight
+    into dh.
     """
 
-    def __init__(self, h, weight, bias, *, rows, cols, cd, softcap, logit_scale, gather, hspace=None):
+    def __init__(self, h, weight, bias, *, rows, cols, cd, softcap, logit_scale, gather, space: _Space):
         V, H = weight.shape
-        f32 = {"dtype": torch.float32, "device": h.device}
         self.weight, self.bias, self.cd, self.softcap, self.logit_scale = weight, bias, cd, softcap, logit_scale
         self.V, self.cols, self.single = V, cols, cols == V
-        self.zflat = torch.empty(rows * cols, **f32)
-        self.lflat = torch.empty(rows * cols, dtype=cd, device=h.device) if cd != torch.float32 else None
-        self.tflat = torch.empty(rows * cols, **f32) if softcap is not None else None
-        self.wbuf = torch.empty(cols, H, dtype=cd, device=h.device) if weight.dtype != cd and not self.single else None
-        self.wfull = weight.to(cd) if weight.dtype != cd and self.single else weight  # one tile: the whole head
         # The chunk's rows, gathered and in the GEMM dtype: one buffer, reused by every chunk.
-        self.hbuf = None
-        if gather or h.dtype != cd:
-            self.hbuf = torch.empty(rows, H, dtype=cd, device=h.device) if hspace is None else \
-                hspace.view(-1).view(cd)[: rows * H].view(rows, H)
+        self.hbuf = space.take(rows * H, cd).view(rows, H) if gather or h.dtype != cd else None
+        self.zflat = space.take(rows * cols, torch.float32)
+        self.lflat = space.take(rows * cols, cd) if cd != torch.float32 else None
+        self.tflat = space.take(rows * cols, torch.float32) if softcap is not None else None
+        self.wbuf = space.take(cols * H, cd).view(cols, H) if weight.dtype != cd and not self.single else None
+        self.wfull = weight.to(cd) if weight.dtype != cd and self.single else weight  # one tile: the whole head
 
     def chunk(self, h, rows_idx, s, e):
         """Counted rows [s, e) of h, (c, H) in the GEMM dtype (gathered at rows_idx[s:e] when given)."""
@@ -266,22 +279,22 @@ def _grad_pass(bufs: _TileBuffers, hc, yc, lc, ssum, r, coef, *, eps, dhc, dw, d
             db[v0:v1] += z.sum(0)
 
 
-def _compact_dh(dh, rows_idx, rows: int, hbytes: int):
-    """Where the counted rows' gradients are formed, (n, H) fp32, and the space the chunks' gathered rows may use.
+def _compact_dh(dh, rows_idx):
+    """Where the counted rows' gradients are formed, (n, H) fp32, and the rows of dh free for working buffers.
 
     The counted rows' gradients go, chunk by chunk, into dh's first n rows, and `_scatter_rows` moves them to their
-    rows at the end, in place: no (rows, H) gradient buffer. dh's last rows, which no chunk writes when n + rows <=
-    N, hold the chunks' gathered rows (`hbytes` per row), zeroed by the scatter. So the working memory beyond the
-    outputs is the logits tile alone; for the SmolLM2 head (fp32, 2048 tokens, half counted) 1.2 MB less, which is
-    1% of eager's peak: its extra memory went from 0.0997-0.101x of eager's to under 0.1x.
-    Needs rows_idx ascending (as `nonzero` gives them); else a separate (n, H) buffer is written and copied."""
+    rows at the end, in place: no (rows, H) gradient buffer. dh's other N - n rows, which no chunk writes, hold the
+    working buffers (the gathered rows, the logits tile: `_Space`) and are zeroed or overwritten by the scatter.
+    In SFT, where prompt tokens are not counted, they all fit: the SmolLM2 head (fp32, 2048 tokens, half counted)
+    then holds nothing beyond its outputs, and its extra memory went from 120.3-120.8 MB (0.0997x eager's) to
+    118.6-119.1 MB on an AMD Zen 5.
+    Needs rows_idx ascending (as `nonzero` gives them); else the gradients are formed in a separate (n, H) buffer
+    and all of dh is free until they are copied in."""
     n = dh.shape[0] if rows_idx is None else rows_idx.shape[0]
-    N, H = dh.shape
-    ascending = rows_idx is None or n < 2 or bool((rows_idx[1:] > rows_idx[:-1]).all())
-    compact = dh[:n] if ascending else dh.new_zeros(n, H)
-    tail = -(-rows * hbytes // (4 * H))  # rows of dh that hold `rows` gathered rows
-    hspace = dh[N - tail:] if ascending and rows_idx is not None and n + tail <= N else None
-    return compact, hspace
+    if rows_idx is None:
+        return dh, None
+    ascending = n < 2 or bool((rows_idx[1:] > rows_idx[:-1]).all())
+    return (dh[:n], dh[n:]) if ascending else (dh.new_zeros(n, dh.shape[1]), dh)
 
 
 _SCATTER_BLOCK = 64  # rows moved at a time by `_scatter_rows`
@@ -337,9 +350,9 @@ def linear_cross_entropy_torch(h, weight, bias, y, row_weight=None, *, rows_idx=
     rows, cols = tiles or _config(V, H, n=n, gemm_bytes=torch.finfo(cd).bits // 8,
                                   weight_cast=weight.dtype != cd, softcap=softcap is not None)
     rows, cols = min(rows, n), min(cols, V)
-    compact, hspace = (None, None) if dh is None else _compact_dh(dh, rows_idx, rows, torch.finfo(cd).bits // 8 * H)
+    compact, free = (None, None) if dh is None else _compact_dh(dh, rows_idx)
     bufs = _TileBuffers(h, weight, bias, rows=rows, cols=cols, cd=cd, softcap=softcap, logit_scale=logit_scale,
-                        gather=rows_idx is not None, hspace=hspace)
+                        gather=rows_idx is not None, space=_Space(free, h.device))
     eps = label_smoothing
     # One pass when only dh is asked for (a frozen head: LoRA SFT): flash-attention style, dh_i = sum_v g_iv W_v is
     # accumulated as acc_i = sum_v exp(z_iv - m_i) f_iv W_v (f = d z / d a), rescaled as the running max m_i grows,
