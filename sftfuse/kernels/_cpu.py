@@ -195,9 +195,9 @@ def nf4_tiles() -> tuple[int, int]:
 
 def cpu_kind() -> str:
     """The vendor and the bf16 hardware oneDNN may use, from /proc/cpuinfo: 'Intel AMX-BF16', 'Intel AVX512-BF16 (no
-    AMX)', 'AMD Zen 5 AVX512-BF16' (the AMD generation from the CPU family), '... AVX512 (no bf16)' or
-    '... no AVX512'. With ONEDNN_MAX_CPU_ISA capped below a
-    CPU's best (AVX512_CORE_BF16 on an AMX host, AVX512_CORE on a bf16 one), the kind it emulates, and the cap."""
+    AMX)', 'AMD Zen 5 AVX512-BF16' (the AMD generation from the CPU family), '... AVX512 (no bf16)' or '... no
+    AVX512'. With ONEDNN_MAX_CPU_ISA capped below a CPU's best (AVX512_CORE_BF16 on an AMX host, AVX512_CORE on a
+    bf16 one), the kind it emulates, and the cap."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -22,13 +22,13 @@ kernels; `cross_entropy_launch.py`: their launchers and the op's one Triton-or-P
   (`_config`; a cast bf16 weight slice comes on top). A first pass keeps an online log-sum-exp; a second recomputes
   each tile, turns it into its logit gradient in place and accumulates dh (straight into the (N, H) gradient's
   first rows, moved to the counted rows' places at the end: `_compact_dh`), dW and db (fp32) from it, so the
-  backward only scales them by grad_output. A head small enough for one
-  tile is computed once. The cost of tiling is one extra logits GEMM (8 n H V FLOPs instead of 6), the price of
-  holding only the outputs: at the SmolLM2 head, 2048 tokens, fp32, peak memory is 0.0995x eager's and time 0.57-0.61x
-  (bench/). A frozen head (LoRA: only dh wanted) takes one pass: dh is accumulated beside the log-sum-exp, as
-  flash attention accumulates its output, and finished with each row's lse, so the logits are formed once
-  (4 n H V FLOPs; the SmolLM2 head at 512 counted rows: 364 ms -> 246 ms on 2 cores). GEMMs run in the weight's
-  dtype, or in fp32 where that is faster on this CPU (`sftfuse.kernels._cpu`).
+  backward only scales them by grad_output. A head small enough for one tile is computed once. The cost of
+  tiling is one extra logits GEMM (8 n H V FLOPs instead of 6), the price of holding only the outputs: at the
+  SmolLM2 head, 2048 tokens, fp32, peak memory is 0.098x eager's (the returned gradients alone are 0.0975x) and
+  time 0.52-0.56x (bench/). A frozen head (LoRA: only dh wanted) takes one pass: dh is accumulated beside the
+  log-sum-exp, as flash attention accumulates its output, and finished with each row's lse, so the logits are
+  formed once (4 n H V FLOPs; the SmolLM2 head at 512 counted rows: 364 ms -> 246 ms on 2 cores). GEMMs run in the
+  weight's dtype, or in fp32 where that is faster on this CPU (`sftfuse.kernels._cpu`).
 - Triton (CUDA): the same algorithm at GPU scale (`cross_entropy_triton.py`, plan in `lce_plan`). Counted rows in
   chunks of 1024 (trained head) or 512 (frozen head), each chunk's fp32 logits (at most 1 GiB: 525 MB at 1024 rows x
   128,256) the only buffer of size tokens x V. Per chunk: the stats kernel forms the logits tile by tile over
@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 # Bytes of working buffers the PyTorch path may hold beyond its outputs: one (rows x vocab-tile) fp32 logits
-# tile (+ a copy for softcap, + the GEMM-dtype tile) and the row chunk's hidden rows and gradient (those two in
-# rows of the dh output where it has them free: `_compact_dh`). The SmolLM2 head's outputs (fp32 dW 113 MB, dh
+# tile (+ a copy for softcap, + the GEMM-dtype tile) and the row chunk's hidden rows and gradient (all of them in
+# the dh output's free rows where it has room: `_compact_dh`). The SmolLM2 head's outputs (fp32 dW 113 MB, dh
 # 4.7 MB at 2048 tokens) are 0.098x of eager's 1.2 GB peak; the buffers add 1.5% of that. Measured on 2 cores:
 # 256 x 640 tiles ran as fast as 256 x 896, 10% faster than 128 x 896.
 _TORCH_BUDGET = 7 << 18  # 1.75 MiB (a cast weight slice comes on top: `_config`)
@@ -287,7 +287,7 @@ def _compact_dh(dh, rows_idx):
     working buffers (the gathered rows, the logits tile: `_Space`) and are zeroed or overwritten by the scatter.
     In SFT, where prompt tokens are not counted, they all fit: the SmolLM2 head (fp32, 2048 tokens, half counted)
     then holds nothing beyond its outputs, and its extra memory went from 120.3-120.8 MB (0.0997x eager's) to
-    118.6-119.1 MB on an AMD Zen 5.
+    118.5-118.6 MB (0.0981x) on an AMD Zen 5.
     Needs rows_idx ascending (as `nonzero` gives them); else the gradients are formed in a separate (n, H) buffer
     and all of dh is free until they are copied in."""
     n = dh.shape[0] if rows_idx is None else rows_idx.shape[0]

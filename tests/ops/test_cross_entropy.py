@@ -112,19 +112,20 @@ def test_small_tiles_match_reference(monkeypatch, tiles, gemm):
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
 def test_gradient_rows_formed_in_place(monkeypatch, order, counted, frozen):
     """PyTorch path: the counted rows' dh is formed in the gradient's first rows and moved to its rows at the end,
-    the chunks' gathered rows parked in its last rows (then zeroed): few counted rows (parking room) and many (none),
-    the last rows of h counted (the parking rows are destinations), bf16 rows parked in fp32 space, and rows not
-    ascending (a separate buffer then). Against fp64 autograd, every row of dh checked, the uncounted ones zero."""
+    the working buffers carved from its other rows (then zeroed): few counted rows (room for every buffer), some (room
+    for some) and all (none), the last row of h counted (a buffer's rows are destinations), bf16 buffers in fp32
+    space, and rows not ascending (a separate buffer then, all of dh free). Against fp64 autograd: the loss, every
+    row of dh (the uncounted ones exactly zero) and dW."""
     monkeypatch.setattr(ce, "_SCATTER_BLOCK", 4)  # many blocks, moved from the last
     N, H, V = 74, 64, 1031
     for dtype in DTYPES:
         h, w = randn(N, H, dtype=dtype), randn(V, H, dtype=dtype, scale=H**-0.5 * 2)
+        h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
         idx = torch.cat([torch.randperm(N - 1)[: counted - 1], torch.tensor([N - 1])]).sort().values
         if order == "shuffled":
             idx = idx[torch.randperm(counted)]
         y, rw = torch.randint(0, V, (counted,)), torch.rand(counted)
-        h64 = h.double().requires_grad_()
-        per = torch.nn.functional.cross_entropy(h64[idx] @ w.double().T, y, reduction="none")
+        per = torch.nn.functional.cross_entropy(h64[idx] @ w64.T, y, reduction="none")
         (per * rw.double()).sum().backward()
         for tiles in [(8, 128), (8, 1031), (64, 256)]:
             out = ce.linear_cross_entropy_torch(h, w, None, y, rw, rows_idx=idx, tiles=tiles, need_dw=not frozen,
@@ -133,6 +134,8 @@ def test_gradient_rows_formed_in_place(monkeypatch, order, counted, frozen):
             assert_close(out[3], h64.grad, dtype=dtype, name=f"dh {tiles}")
             uncounted = torch.ones(N, dtype=torch.bool).index_fill_(0, idx, False)
             assert (out[3][uncounted] == 0).all()
+            if not frozen:
+                assert_close(out[4], w64.grad, dtype=dtype, name=f"dW {tiles}")
 
 
 def test_tile_choice_fits_the_budget():
