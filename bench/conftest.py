@@ -25,6 +25,8 @@ import gc
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +90,23 @@ def _status(field: str) -> int:
         if line.startswith(field):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def run_fresh(script: str, args: list[str], timeout: int) -> dict:
+    """`python script *args` in a fresh process (repository root as cwd and on PYTHONPATH); the last JSON line it
+    prints, or {"error": why} when it timed out, failed or printed none."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        proc = subprocess.run([sys.executable, script, *args], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)[-300:]}
+    return json.loads(lines[-1])
 
 
 def peak_memory(fn, device: torch.device | str = "cpu") -> int:

@@ -19,14 +19,13 @@ difference being what earlier tests left in the heap and the BLAS pools, and at 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import peak_memory, x_floor
+from conftest import peak_memory, run_fresh, x_floor
 
 from sftfuse.ops.cross_entropy import linear_cross_entropy
 
@@ -59,9 +58,10 @@ def _step(impl, hidden, weight, labels):
 
 def _fresh_peak(shape: str, dtype: str, impl: str) -> int:
     """Peak bytes of one call of `impl` beyond its inputs, measured in a fresh process (module docstring)."""
-    out = subprocess.run([sys.executable, __file__, shape, dtype, impl], capture_output=True, text=True, timeout=900,
-                         check=True)
-    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+    row = run_fresh(__file__, [shape, dtype, impl], 900)
+    if "error" in row:
+        raise RuntimeError(f"peak memory of {shape} {dtype} {impl}: {row['error']}")
+    return int(row["peak"])
 
 
 def _loss(impl, hidden, weight, labels):

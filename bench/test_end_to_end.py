@@ -35,10 +35,8 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -203,18 +201,12 @@ def interleaved(rounds: int) -> dict:
 
 
 def _run(config: str, steps: int, mode: str, timeout: int) -> dict:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    try:
-        proc = subprocess.run([sys.executable, __file__, config, str(steps), str(THREADS), mode], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": config, "what": CONFIGS[config], "error": f"{mode}: timed out after {timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"config": config, "what": CONFIGS[config], "error": f"{mode}: " + " | ".join(tail)[-300:]}
-    return json.loads(lines[-1])
+    from conftest import run_fresh  # here, not at the top: conftest imports torch, and a worker sets mallopt first
+
+    row = run_fresh(__file__, [config, str(steps), str(THREADS), mode], timeout)
+    if "error" in row:
+        return {"config": config, "what": CONFIGS[config], "error": f"{mode}: {row['error']}"}
+    return row
 
 
 def run_config(config: str, steps: int = STEPS, timeout: int = 900) -> dict:
