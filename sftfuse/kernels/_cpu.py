@@ -1,10 +1,11 @@
 """Every per-CPU choice of the PyTorch paths, made here from measurements of this host, and `cpu_plan()` saying why.
 
 The choices: the dtype of 16-bit GEMMs (`gemm_dtype`: linear layers, LoRA, the NF4 matmul's decoded tiles, the loss
-head), of CPU attention (`attention_dtype`, torch's flash kernel timed in both dtypes), and the NF4 decode's tile
-sizes (`nf4_tiles`, from the L2 cache size). Kinds of CPU they tell apart (this project's hosts):
-- Intel Xeon with AMX-BF16: bf16 GEMMs 1.7-2.1 TFLOP/s against fp32's 0.21: GEMMs in bf16; attention in fp32
-  (its flash kernel takes about the same time in both there, and a tie takes the wider dtype).
+head), how CPU attention runs (`attention_mode`: torch's flash kernel timed in both dtypes, and the 16-bit scores
+path of `sftfuse.kernels.attention`), and the NF4 decode's tile sizes (`nf4_tiles`, from the L2 cache size). Kinds
+of CPU they tell apart (this project's hosts):
+- Intel Xeon with AMX-BF16: bf16 GEMMs 1.6-2.3 TFLOP/s against fp32's 0.21-0.35: GEMMs in bf16; attention as
+  16-bit scores through bf16 GEMMs (flash takes about the same time in both dtypes there, 2x the scores path).
 - Intel Xeon with AVX512-BF16 and no AMX (or an AMX host with `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`): bf16 GEMMs at
   about half the fp32 rate: GEMMs and attention in fp32.
 - AMD EPYC (AVX512-BF16): bf16 about 2.5x fp32 on a Zen 4 (EPYC family 25, 432 against 173 GFLOP/s on 2
@@ -53,15 +54,22 @@ def _best_pair(fa, fb, reps: int = 7) -> tuple[float, float]:
     could cover all of one function's runs: the native bf16 GEMM then looked slower than fp32 and an AMX host, where
     bf16 is 10x faster, ran every GEMM in fp32 (a QLoRA step 8.6 s instead of 1.7 s). Alternating, a burst hits both.
     """
-    fa()
-    fb()
-    best = [float("inf"), float("inf")]
-    for i in range(reps):
-        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
-            t0 = time.perf_counter()
-            (fa, fb)[k]()
-            best[k] = min(best[k], time.perf_counter() - t0)
+    best = _best_of((fa, fb), reps)
     return best[0], best[1]
+
+
+def _best_of(fns, reps: int) -> tuple[float, ...]:
+    """`_best_pair` for any number of functions: one warm-up call each, then `reps` rounds, every other one in
+    reverse order."""
+    for f in fns:
+        f()
+    best = [float("inf")] * len(fns)
+    for i in range(reps):
+        for k in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
+            t0 = time.perf_counter()
+            fns[k]()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return tuple(best)
 
 
 _GEMM_SHAPE = (256, 512, 1024)  # (M, K, N) of the measured product
@@ -97,9 +105,12 @@ def fp32_gemm_is_faster(dtype: torch.dtype) -> bool:
     return wide < _MARGIN * native
 
 
-def _measure_attention(dtype: torch.dtype) -> tuple[float, float]:
-    """(seconds of torch's causal CPU attention in `dtype`, seconds in fp32 with the casts), forward and backward,
-    best of 5 alternating runs: B=1, 4 heads, 256 tokens, head_dim 64 (SmolLM2's head size)."""
+def _measure_attention(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(seconds of torch's causal CPU flash attention in `dtype`, in fp32 with the casts, and of the 16-bit scores
+    path `sftfuse.kernels.attention`), forward and backward, best of 5 alternating runs: B=1, 4 heads, 256 tokens,
+    head_dim 64 (SmolLM2's head size)."""
+    from sftfuse.kernels.attention import scores_attention_bwd, scores_attention_fwd
+
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 256, 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -109,27 +120,50 @@ def _measure_attention(dtype: torch.dtype) -> tuple[float, float]:
         out = sdpa(*ins, is_causal=True)
         torch.autograd.grad(out.to(dtype), (q, k, v), torch.ones_like(q))
 
+    def scores():
+        out, p = scores_attention_fwd(q.detach(), k.detach(), v.detach(), is_causal=True)
+        scores_attention_bwd(torch.ones_like(out), q.detach(), k.detach(), v.detach(), p)
+
     with torch.autocast("cpu", enabled=False), torch.enable_grad():
-        return _best_pair(lambda: run(False), lambda: run(True), reps=5)
+        return _best_of((lambda: run(False), lambda: run(True), scores), reps=5)
 
 
 @cache
-def attention_times(dtype: torch.dtype) -> tuple[float, float]:
+def attention_times(dtype: torch.dtype) -> tuple[float, float, float]:
     """`_measure_attention`, once per dtype and process."""
     return _measure_attention(dtype)
 
 
-def attention_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype CPU attention on `dtype` inputs runs in: `dtype` where torch's flash kernel is clearly faster so
-    (by 20%, measured: `attention_times`), else fp32 (a tie: see _ATTENTION_MARGIN). `SFTFUSE_CPU_GEMM=native|fp32`
-    forces either, as for GEMMs."""
+ATTENTION_MODES = ("native", "fp32", "scores")
+
+
+def attention_mode(dtype: torch.dtype, device: torch.device | str = "cpu", *, scores_ok: bool = True) -> str:
+    """How CPU attention on `dtype` inputs runs: "native" (torch's function as called), "fp32" (torch's flash
+    kernel on fp32 copies) or "scores" (`sftfuse.kernels.attention`: 16-bit scores through three batched GEMMs).
+    Measured (`attention_times`): flash in `dtype` where it beats fp32 by 20%, else fp32 (a tie: see
+    _ATTENTION_MARGIN); then the scores path where it beats that flash by 20% (a tie keeps flash's numerics) and
+    the call allows it (`scores_ok`: its scores fit, see `sftfuse.kernels.attention.scores_fit`).
+    `SFTFUSE_CPU_ATTENTION=native|fp32|scores` forces one (a call that cannot take the scores path then takes
+    fp32); else `SFTFUSE_CPU_GEMM=native|fp32` forces the flash kernel in that dtype, as for GEMMs."""
+    from sftfuse.kernels._registry import env_choice
+
     if torch.device(device).type != "cpu" or dtype in (torch.float32, torch.float64):
-        return dtype
+        return "native"
+    forced = env_choice("SFTFUSE_CPU_ATTENTION", ("auto", *ATTENTION_MODES))
+    if forced != "auto":
+        return forced if forced != "scores" or scores_ok else "fp32"
     choice = _choice()
     if choice != "auto":
-        return dtype if choice == "native" else torch.float32
-    native, wide = attention_times(dtype)
-    return dtype if native < _ATTENTION_MARGIN * wide else torch.float32
+        return choice
+    native, wide, scores = attention_times(dtype)
+    flash, mode = (native, "native") if native < _ATTENTION_MARGIN * wide else (wide, "fp32")
+    return "scores" if scores_ok and scores < _ATTENTION_MARGIN * flash else mode
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype CPU attention on `dtype` inputs computes in (`attention_mode`): fp32 for the fp32 flash path,
+    `dtype` for the others."""
+    return torch.float32 if attention_mode(dtype, device) == "fp32" else dtype
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
@@ -219,6 +253,9 @@ def cpu_kind() -> str:
     return f"{vendor} no AVX512"
 
 
+_ATTENTION_SAYS = {"native": "flash in bf16", "fp32": "flash in fp32", "scores": "scores in bf16"}
+
+
 @dataclass(frozen=True)
 class CpuPlan:
     """The per-CPU choices of this process, with the measurements behind them (`cpu_plan`)."""
@@ -229,8 +266,8 @@ class CpuPlan:
     bf16_gflops: float  # the measured bf16 GEMM rate
     fp32_gflops: float  # the measured fp32 GEMM rate (casts included)
     gemm: torch.dtype  # for bf16 operands
-    attention: torch.dtype  # for bf16 q, k, v
-    attention_ms: tuple[float, float]  # (bf16, fp32) forward + backward of the probe
+    attention: str  # for bf16 q, k, v: `attention_mode`
+    attention_ms: tuple[float, float, float]  # (flash bf16, flash fp32, scores bf16) forward + backward of the probe
     nf4_tile: int
     nf4_step: int
     nf4_decode: str  # `sftfuse.kernels._native.describe()`: native (AVX-512 or scalar C) or torch ops
@@ -246,8 +283,9 @@ class CpuPlan:
 
         why = "forced by SFTFUSE_CPU_GEMM" if self.override != "auto" else "measured faster"
         return (f"CPU plan: {self.kind}, {self.threads} threads. GEMM bf16 {self.bf16_gflops:,.0f} vs fp32 "
-                f"{self.fp32_gflops:,.0f} GFLOP/s -> 16-bit GEMMs in {name(self.gemm)} ({why}); attention bf16 "
-                f"{self.attention_ms[0]:.2f} vs fp32 {self.attention_ms[1]:.2f} ms -> {name(self.attention)}; "
+                f"{self.fp32_gflops:,.0f} GFLOP/s -> 16-bit GEMMs in {name(self.gemm)} ({why}); attention flash bf16 "
+                f"{self.attention_ms[0]:.2f}, flash fp32 {self.attention_ms[1]:.2f}, scores bf16 "
+                f"{self.attention_ms[2]:.2f} ms -> {_ATTENTION_SAYS[self.attention]}; "
                 f"{self.nf4_decode} to {name(self.gemm)} tiles of {self.nf4_tile:,} values, {self.nf4_step:,} per "
                 f"step (L2 {_l2_bytes() >> 10} KiB)")
 
@@ -262,5 +300,5 @@ def cpu_plan() -> CpuPlan:
     from sftfuse.kernels._native import describe
 
     return CpuPlan(cpu_kind(), torch.get_num_threads(), _choice(), 2 * m * k * n / native / 1e9,
-                   2 * m * k * n / wide / 1e9, gemm_dtype(torch.bfloat16), attention_dtype(torch.bfloat16),
-                   (att[0] * 1e3, att[1] * 1e3), tile, step, describe())
+                   2 * m * k * n / wide / 1e9, gemm_dtype(torch.bfloat16), attention_mode(torch.bfloat16),
+                   tuple(t * 1e3 for t in att), tile, step, describe())

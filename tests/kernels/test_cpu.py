@@ -50,12 +50,13 @@ def test_plan_applies_its_choices_and_says_them(monkeypatch):
     """The plan's GEMM and attention dtypes are the ones the ops ask for, its rates are the measured ones, and the
     override switches both dtypes at once."""
     plan = _cpu.cpu_plan()
-    assert plan.gemm == _cpu.gemm_dtype(torch.bfloat16) and plan.attention == _cpu.attention_dtype(torch.bfloat16)
+    assert plan.gemm == _cpu.gemm_dtype(torch.bfloat16) and plan.attention == _cpu.attention_mode(torch.bfloat16)
+    assert len(plan.attention_ms) == 3 and all(t > 0 for t in plan.attention_ms)
     m, k, n = _cpu._GEMM_SHAPE
     assert plan.bf16_gflops == pytest.approx(2 * m * k * n / _cpu.gemm_times(torch.bfloat16)[0] / 1e9)
     assert plan.best_gflops == max(plan.bf16_gflops, plan.fp32_gflops) > 0
     text = str(plan)
-    assert plan.kind in text and "GEMMs in" in text and "attention" in text and "NF4 decode" in text
+    assert plan.kind in text and "GEMMs in" in text and "scores bf16" in text and "NF4 decode" in text
     tile, step = _cpu.nf4_tiles()
     assert tile & (tile - 1) == 0 and step & (step - 1) == 0 and step <= tile
     for choice, dtype in (("fp32", torch.float32), ("native", torch.bfloat16)):
@@ -64,15 +65,36 @@ def test_plan_applies_its_choices_and_says_them(monkeypatch):
     assert _cpu.attention_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # GPUs are not this file's business
 
 
-@pytest.mark.parametrize("bf16_ms,fp32_ms,expect", [(1.11, 1.20, torch.float32), (1.68, 1.50, torch.float32),
-                                                     (1.0, 1.3, torch.bfloat16), (1.5, 1.1, torch.float32)])
-def test_attention_runs_in_bf16_only_where_it_is_clearly_faster(monkeypatch, bf16_ms, fp32_ms, expect):
-    """A near tie (an AMX host's timings, which moved either side of each other with the load, and flipped the
-    run's numerics) always takes fp32; bf16 must win by 20%."""
+@pytest.mark.parametrize("bf16_ms,fp32_ms,scores_ms,expect", [
+    (1.11, 1.20, 1.0, "fp32"), (1.68, 1.50, 1.3, "fp32"), (1.0, 1.3, 0.9, "native"), (1.5, 1.1, 2.0, "fp32"),
+    (1.33, 1.32, 0.69, "scores"),  # this project's AMX Xeon: the scores path at half of flash's time
+    (1.0, 1.3, 0.7, "scores"), (1.9, 1.7, 1.4, "fp32")])  # a Zen 4's flash figures: scores must win by 20%
+def test_attention_mode_takes_a_path_only_where_it_is_clearly_faster(monkeypatch, bf16_ms, fp32_ms, scores_ms, expect):
+    """A near tie (an AMX host's flash timings, which moved either side of each other with the load, and flipped
+    the run's numerics) takes fp32 flash; flash in bf16 must beat it by 20%, and the scores path must beat the
+    flash chosen by 20%. Where a call's scores do not fit, the flash choice stands."""
     monkeypatch.setenv("SFTFUSE_CPU_GEMM", "auto")
-    monkeypatch.setattr(_cpu, "attention_times", lambda dtype: (bf16_ms / 1e3, fp32_ms / 1e3))
-    assert _cpu.attention_dtype(torch.bfloat16) == expect
-    assert _cpu.attention_dtype(torch.float32) == torch.float32
+    monkeypatch.delenv("SFTFUSE_CPU_ATTENTION", raising=False)
+    monkeypatch.setattr(_cpu, "attention_times", lambda dtype: (bf16_ms / 1e3, fp32_ms / 1e3, scores_ms / 1e3))
+    assert _cpu.attention_mode(torch.bfloat16) == expect
+    flash = _cpu.attention_mode(torch.bfloat16, scores_ok=False)
+    assert flash == ("native" if bf16_ms < 0.8 * fp32_ms else "fp32")
+    assert _cpu.attention_dtype(torch.bfloat16) == (torch.float32 if expect == "fp32" else torch.bfloat16)
+    assert _cpu.attention_mode(torch.float32) == "native" and _cpu.attention_dtype(torch.float32) == torch.float32
+
+
+def test_attention_override(monkeypatch):
+    """SFTFUSE_CPU_ATTENTION forces a mode (scores where the call allows it, else fp32 flash) ahead of
+    SFTFUSE_CPU_GEMM; a bad value is an error that names the variable."""
+    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "native")
+    monkeypatch.setattr(_cpu, "attention_times", lambda dtype: pytest.fail("measured although forced"))
+    for mode in _cpu.ATTENTION_MODES:
+        monkeypatch.setenv("SFTFUSE_CPU_ATTENTION", mode)
+        assert _cpu.attention_mode(torch.bfloat16) == mode
+    assert _cpu.attention_mode(torch.bfloat16, scores_ok=False) == "fp32"
+    monkeypatch.setenv("SFTFUSE_CPU_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="SFTFUSE_CPU_ATTENTION"):
+        _cpu.attention_mode(torch.bfloat16)
 
 
 _XEON = "vendor_id : GenuineIntel flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile"

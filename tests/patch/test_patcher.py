@@ -159,11 +159,12 @@ def test_patch_unpatch_patch_is_exact_and_local():
     assert "forward" not in other.__dict__ and other(**b).logits is not None
 
 
-def test_attention_swap_trains_as_unpatched_in_bf16(monkeypatch):
-    """bf16, fp32 GEMMs forced (the CPUs where the swap computes in fp32), the attention swap alone: losses and
-    adapters within twice unpatched bf16's distance from fp32 training; the op runs in every attention call that
-    autograd records and in none under no_grad; eager attention is left alone with its reason."""
-    monkeypatch.setenv("SFTFUSE_CPU_GEMM", "fp32")
+@pytest.mark.parametrize("env", [("SFTFUSE_CPU_GEMM", "fp32"), ("SFTFUSE_CPU_ATTENTION", "scores")])
+def test_attention_swap_trains_as_unpatched_in_bf16(monkeypatch, env):
+    """bf16, the attention swap alone, in fp32 flash (the CPUs where the swap computes in fp32) or as 16-bit scores
+    (AMX hosts): losses and adapters within twice unpatched bf16's distance from fp32 training; the op runs in every
+    attention call that autograd records and in none under no_grad; eager attention is left alone with its reason."""
+    monkeypatch.setenv(*env)
     ref_model = lora_model("llama", torch.bfloat16)
     fp32_model, patched = copy.deepcopy(ref_model).float(), copy.deepcopy(ref_model)
     calls = count_calls(monkeypatch, "scaled_dot_product_attention", attention)
