@@ -136,11 +136,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     mode = attention_mode(dtype, query.device, scores_ok=_scores_ok(query, key, attn_mask, is_causal))
     if mode == "native":
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **opts)
+    if mode == "scores":  # the mask as given: the kernel folds it once for every layer
+        return _ScoresAttentionFunction.apply(query, key, value, attn_mask, _AttnOptions(is_causal, scale))
     if attn_mask is not None:  # an additive fp32 bias, as torch's function hands a bool mask to this kernel
         attn_mask = attn_mask.detach().float() if attn_mask.is_floating_point() else torch.zeros(
             attn_mask.shape, device=attn_mask.device).masked_fill_(attn_mask.logical_not(), float("-inf"))
-    fn = _ScoresAttentionFunction if mode == "scores" else _WideAttentionFunction
-    return fn.apply(query, key, value, attn_mask, _AttnOptions(is_causal, scale))
+    return _WideAttentionFunction.apply(query, key, value, attn_mask, _AttnOptions(is_causal, scale))
 
 
 def _scores_ok(query, key, attn_mask, is_causal) -> bool:

@@ -88,6 +88,26 @@ def test_scores_path_keeps_its_inputs_and_the_probabilities(monkeypatch):
     assert torch.allclose(probs[0].float().sum(-1), torch.ones(4, 111), atol=1e-2)  # rows of a softmax
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_mask_folded_once_serves_every_layer_until_it_changes(monkeypatch, kind):
+    """The same mask object in two calls (as a model's layers get it) gives the same answer as a fresh copy of it;
+    changed in place between calls, the new values count (the fold is redone, not reused)."""
+    monkeypatch.setenv("SFTFUSE_CPU_ATTENTION", "scores")
+    (q, k, v), opts = _inputs(torch.bfloat16, "bool_padding_per_row")
+    mask = opts["attn_mask"] if kind == "bool" else torch.zeros(2, 1, 37, 37).masked_fill(
+        ~opts["attn_mask"], torch.finfo(torch.float32).min)
+    first = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(scaled_dot_product_attention(q, k, v, attn_mask=mask), first)
+    assert torch.equal(scaled_dot_product_attention(q, k, v, attn_mask=mask.clone()), first)
+    if kind == "bool":
+        mask[:, :, :, 20:] = False
+    else:
+        mask[:, :, :, 20:] = torch.finfo(torch.float32).min
+    changed = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(changed, scaled_dot_product_attention(q, k, v, attn_mask=mask.clone()))
+    assert not torch.equal(changed, first)
+
+
 def test_scores_that_do_not_fit_take_flash_in_fp32(monkeypatch):
     """Past SCORES_MAX_BYTES (P per call) the forced scores mode takes the fp32 flash path: its saved fp32 output
     and log-sum-exp show it."""
