@@ -1,11 +1,12 @@
 """Every per-CPU choice of the PyTorch paths, made here from measurements of this host, and `cpu_plan()` saying why.
 
 The choices: the dtype of 16-bit GEMMs (`gemm_dtype`: linear layers, LoRA, the NF4 matmul's decoded tiles, the loss
-head), how CPU attention runs (`attention_mode`: torch's flash kernel timed in both dtypes, and the 16-bit scores
+head), how CPU attention runs (`attention_mode`: torch's flash kernel timed in both dtypes, and the scores
 path of `sftfuse.kernels.attention`), and the NF4 decode's tile sizes (`nf4_tiles`, from the L2 cache size). Kinds
 of CPU they tell apart (this project's hosts):
 - Intel Xeon with AMX-BF16: bf16 GEMMs 1.6-2.3 TFLOP/s against fp32's 0.21-0.35: GEMMs in bf16; attention as
-  16-bit scores through bf16 GEMMs (flash takes about the same time in both dtypes there, 2x the scores path).
+  materialised scores through batched GEMMs (flash takes about the same time in both dtypes there, 1.4-1.6x the
+  scores path).
 - Intel Xeon with AVX512-BF16 and no AMX (or an AMX host with `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`): bf16 GEMMs at
   about half the fp32 rate: GEMMs and attention in fp32.
 - AMD EPYC (AVX512-BF16): bf16 about 2.5x fp32 on a Zen 4 (EPYC family 25, 432 against 173 GFLOP/s on 2
@@ -106,7 +107,7 @@ def fp32_gemm_is_faster(dtype: torch.dtype) -> bool:
 
 
 def _measure_attention(dtype: torch.dtype) -> tuple[float, float, float]:
-    """(seconds of torch's causal CPU flash attention in `dtype`, in fp32 with the casts, and of the 16-bit scores
+    """(seconds of torch's causal CPU flash attention in `dtype`, in fp32 with the casts, and of the scores
     path `sftfuse.kernels.attention`), forward and backward, best of 5 alternating runs: B=1, 4 heads, 256 tokens,
     head_dim 64 (SmolLM2's head size)."""
     from sftfuse.kernels.attention import scores_attention_bwd, scores_attention_fwd
@@ -139,7 +140,7 @@ ATTENTION_MODES = ("native", "fp32", "scores")
 
 def attention_mode(dtype: torch.dtype, device: torch.device | str = "cpu", *, scores_ok: bool = True) -> str:
     """How CPU attention on `dtype` inputs runs: "native" (torch's function as called), "fp32" (torch's flash
-    kernel on fp32 copies) or "scores" (`sftfuse.kernels.attention`: 16-bit scores through three batched GEMMs).
+    kernel on fp32 copies) or "scores" (`sftfuse.kernels.attention`: the scores materialised, batched GEMMs).
     Measured (`attention_times`): flash in `dtype` where it beats fp32 by 20%, else fp32 (a tie: see
     _ATTENTION_MARGIN); then the scores path where it beats that flash by 20% (a tie keeps flash's numerics) and
     the call allows it (`scores_ok`: its scores fit, see `sftfuse.kernels.attention.scores_fit`).
@@ -253,7 +254,7 @@ def cpu_kind() -> str:
     return f"{vendor} no AVX512"
 
 
-_ATTENTION_SAYS = {"native": "flash in bf16", "fp32": "flash in fp32", "scores": "scores in bf16"}
+_ATTENTION_SAYS = {"native": "flash in bf16", "fp32": "flash in fp32", "scores": "scores (S in fp32, bf16 GEMMs)"}
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ class CpuPlan:
     fp32_gflops: float  # the measured fp32 GEMM rate (casts included)
     gemm: torch.dtype  # for bf16 operands
     attention: str  # for bf16 q, k, v: `attention_mode`
-    attention_ms: tuple[float, float, float]  # (flash bf16, flash fp32, scores bf16) forward + backward of the probe
+    attention_ms: tuple[float, float, float]  # (flash bf16, flash fp32, scores) forward + backward of the probe
     nf4_tile: int
     nf4_step: int
     nf4_decode: str  # `sftfuse.kernels._native.describe()`: native (AVX-512 or scalar C) or torch ops
@@ -284,7 +285,7 @@ class CpuPlan:
         why = "forced by SFTFUSE_CPU_GEMM" if self.override != "auto" else "measured faster"
         return (f"CPU plan: {self.kind}, {self.threads} threads. GEMM bf16 {self.bf16_gflops:,.0f} vs fp32 "
                 f"{self.fp32_gflops:,.0f} GFLOP/s -> 16-bit GEMMs in {name(self.gemm)} ({why}); attention flash bf16 "
-                f"{self.attention_ms[0]:.2f}, flash fp32 {self.attention_ms[1]:.2f}, scores bf16 "
+                f"{self.attention_ms[0]:.2f}, flash fp32 {self.attention_ms[1]:.2f}, scores "
                 f"{self.attention_ms[2]:.2f} ms -> {_ATTENTION_SAYS[self.attention]}; "
                 f"{self.nf4_decode} to {name(self.gemm)} tiles of {self.nf4_tile:,} values, {self.nf4_step:,} per "
                 f"step (L2 {_l2_bytes() >> 10} KiB)")

@@ -1,21 +1,23 @@
-"""CPU attention with the scores materialised in 16-bit: three batched GEMMs each way at the host's 16-bit rate.
+"""CPU attention with the scores materialised: batched GEMMs instead of torch's flash kernel.
 
 For q (B, Hq, T, D), k and v (B, Hk, S, D), G = Hq / Hk query heads per key/value head, scale c:
-    forward:   S = c q k^T + bias,  P = softmax(S) (fp32 inside, stored 16-bit),  O = P v
+    forward:   S = c q k^T + bias (fp32),  P = softmax(S) (stored 16-bit),  O = P v
     backward:  dP = dO v^T,  dS = P * (dP - rowsum(dP * P)),  dq = c dS k,  dk = c dS^T q,  dv = P^T dO
 The G query heads that share a key/value head are folded into the rows of one GEMM ((B Hk, G T, D) against
 (B Hk, S, D)), so grouped-query attention needs no repeated copy of k and v, and dk and dv come out summed over
 the group. The bias (the causal triangle or the caller's additive mask) is added inside the first GEMM
-(`baddbmm`), and the forward keeps P for the backward: 2 B Hq T S bytes, 4.7 MB per layer at SmolLM2's 4 x 256
-tokens (9 query heads), against the 2.4 MB fp32 output the flash path keeps.
+(`baddbmm`). S is computed in fp32, the one GEMM that runs at the fp32 rate: rounded to 16 bits before the
+softmax (as Hugging Face's eager attention rounds it), sharp attention (logits spread over 4-10) came out 5-10x
+further from fp64 than torch's own bf16 attention, whose flash kernel keeps its scores in fp32. The other five
+GEMMs take 16-bit operands. The forward keeps P for the backward: 2 B Hq T S bytes, 4.7 MB per layer at
+SmolLM2's 4 x 256 tokens (9 query heads), against the 2.4 MB fp32 output the flash path keeps.
 
 Why: torch's CPU flash-attention kernel runs its small per-block GEMMs at about the fp32 rate in either dtype, so
 on a host whose bf16 GEMMs are fast (AMX: 1.6-2.3 TFLOP/s against fp32's 0.3) it leaves most of the host idle.
 Measured on this project's AMX Xeon (2 cores; SmolLM2's shape, causal, 3 key/value heads, forward and backward):
-flash in fp32 13.3-14.7 ms a layer, this 6.1-6.3 ms. Where 16-bit GEMMs are not fast its passes over the scores
-cost more than its GEMMs save (a 2-core Zen 5: 18 against flash's 15 ms), so `sftfuse.kernels._cpu` times it
-against flash on each host and picks (`attention_mode`). The numerics are Hugging Face's eager attention's in
-16-bit (16-bit scores and probabilities, a softmax in fp32), not flash's fp32 ones.
+flash in fp32 13.3-14.7 ms a layer, this 9.5 ms (6.2-7.5 ms with S in bf16). Where 16-bit GEMMs are not fast its
+passes over the scores cost more than its GEMMs save (a 2-core Zen 5: 18 against flash's 15 ms), so
+`sftfuse.kernels._cpu` times it against flash on each host and picks (`attention_mode`).
 
 Limits: used only where the scores fit `SCORES_MAX_BYTES` (the memory P takes per call); a row whose keys are
 all masked gives a zero output and zero gradients, as torch's flash kernel does.
@@ -56,27 +58,27 @@ def scores_fit(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _causal_bias(t: int, s: int, g: int, dtype: torch.dtype) -> torch.Tensor:
-    """(G T, S): 0 where key s <= query t (torch's top-left causal alignment), -inf above, repeated per folded head."""
-    bias = torch.zeros(t, s, dtype=dtype).masked_fill_(torch.ones(t, s, dtype=torch.bool).triu_(1), float("-inf"))
+def _causal_bias(t: int, s: int, g: int) -> torch.Tensor:
+    """(G T, S) fp32: 0 where key s <= query t (torch's top-left causal alignment), -inf above, per folded head."""
+    bias = torch.zeros(t, s).masked_fill_(torch.ones(t, s, dtype=torch.bool).triu_(1), float("-inf"))
     return bias.repeat(g, 1)
 
 
-def _fold_mask(mask: torch.Tensor, b: int, hk: int, g: int, dtype: torch.dtype):
+def _fold_mask(mask: torch.Tensor, b: int, hk: int, g: int):
     """A mask broadcastable to (B, Hq, T, S) (bool: True keeps; float: added) as an additive (B Hk | 1, G T, S)
-    bias in `dtype`, and the rows whose keys are all masked ((B Hk | 1, G T, 1) bool) or None. The last mask
+    fp32 bias, and the rows whose keys are all masked ((B Hk | 1, G T, 1) bool) or None. The last mask
     folded is kept with its result: a model hands every layer the same mask, and folding a (B, 1, T, S) one is a
     copy of B Hq T S values (3.5 ms a layer at SmolLM2's 4 x 256 tokens on an AMX Xeon, a third of the layer's
     attention). The entry holds the mask itself, so it cannot be freed and another take its place; a mask changed
     in place since (its version) is folded again."""
-    key = (mask._version, tuple(mask.shape), b, hk, g, dtype)
+    key = (mask._version, tuple(mask.shape), b, hk, g)
     if _LAST_FOLD and _LAST_FOLD[0] is mask and _LAST_FOLD[1] == key:
         return _LAST_FOLD[2]
     *lead, t, s = mask.shape
     bias = mask.reshape(*([1] * (2 - len(lead))), *lead, t, s)  # (Bm, Hm, T, S)
     if bias.dtype == torch.bool:
-        bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill_(~bias, float("-inf"))
-    bias = bias.to(dtype)
+        bias = torch.zeros(bias.shape, device=bias.device).masked_fill_(~bias, float("-inf"))
+    bias = bias.float()
     dead = (bias == float("-inf")).all(-1, keepdim=True)
     dead = dead if bool(dead.any()) else None
     if bias.shape[0] == 1 and bias.shape[1] == 1:  # one mask for every row: broadcast over B Hk
@@ -109,17 +111,20 @@ def scores_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, a
     qf, kf, vf = q.reshape(b * hk, g * t, d), k.reshape(b * hk, s, d), v.reshape(b * hk, s, d)
     dead = None
     if is_causal:
-        bias = _causal_bias(t, s, g, q.dtype)
+        bias = _causal_bias(t, s, g)
     elif attn_mask is not None:
-        bias, dead = _fold_mask(attn_mask, b, hk, g, q.dtype)
+        bias, dead = _fold_mask(attn_mask, b, hk, g)
+    q32, k32 = qf.float(), kf.float().transpose(1, 2)
     if is_causal or attn_mask is not None:
-        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=c)  # (B Hk, G T, S)
+        scores = torch.baddbmm(bias, q32, k32, alpha=c)  # (B Hk, G T, S) fp32
     else:
-        scores = torch.bmm(qf, kf.transpose(1, 2)).mul_(c)
-    p = torch.softmax(scores, -1)  # fp32 inside, q's dtype out
+        scores = torch.bmm(q32, k32).mul_(c)
+    del q32, k32
+    p = torch.softmax(scores, -1)
     del scores
     if dead is not None:  # softmax over all -inf is NaN: those rows attend to nothing
         p.masked_fill_(dead, 0.0)
+    p = p.to(q.dtype)
     return torch.bmm(p, vf).view(b, hk * g, t, d), p
 
 

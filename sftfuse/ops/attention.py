@@ -1,5 +1,5 @@
 """Attention: torch's scaled_dot_product_attention, 16-bit CPU inputs computed the way that is fastest here: torch's
-flash kernel in their dtype or in fp32, or 16-bit scores through batched GEMMs (`sftfuse.kernels.attention`)."""
+flash kernel in their dtype or in fp32, or materialised scores and batched GEMMs (`sftfuse.kernels.attention`)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class _ScoresSaved(NamedTuple):
 
 
 class _ScoresAttentionFunction(torch.autograd.Function):
-    """sdpa as 16-bit scores through batched GEMMs (`sftfuse.kernels.attention`); saves q, k, v and P."""
+    """sdpa with the scores materialised (fp32) and batched GEMMs (`sftfuse.kernels.attention`); saves q, k, v and P."""
 
     @staticmethod
     @without_autocast
@@ -108,8 +108,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """`torch.nn.functional.scaled_dot_product_attention`, same arguments and result, for 16-bit CPU inputs run the
     way this CPU runs fastest (`sftfuse.kernels._cpu.attention_mode`, measured once per process): torch's function
-    ("native"), torch's flash kernel on fp32 copies ("fp32"), or the 16-bit scores of `sftfuse.kernels.attention`
-    through three batched GEMMs each way ("scores", where the scores fit its budget).
+    ("native"), torch's flash kernel on fp32 copies ("fp32"), or the materialised scores of
+    `sftfuse.kernels.attention` through three batched GEMMs each way ("scores", where the scores fit its budget).
 
     fp32: on a CPU without fast bf16 GEMMs torch's flash attention in bf16 runs its matmuls at bf16's rate:
     measured on this project's 2-core Xeon (B=4, 9 heads, 256 tokens, head_dim 64, causal), forward + backward
@@ -118,8 +118,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     fresh fp32 copies to the same kernel's backward. Running the forward again instead, to keep the output out of
     memory (2.4 MB a layer at that shape), cost 13-15 ms. The output is the fp32 result rounded once to q's dtype;
     a bool mask becomes the additive fp32 bias torch's function makes of it.
-    scores: on an AMX host, where flash runs at about the fp32 rate in either dtype, 6.1-6.3 ms a layer at that
-    shape against flash's 13-15; keeps q, k, v and the 16-bit probabilities (4.7 MB a layer there).
+    scores: on an AMX host, where flash runs at about the fp32 rate in either dtype, 9.5 ms a layer at that shape
+    (the scores in fp32) against flash's 13-15; keeps q, k, v and the 16-bit probabilities (4.7 MB a layer there).
     Anything else (CUDA, fp32 inputs, dropout, a mask that needs a gradient, mixed dtypes or head sizes, key/value
     heads that differ from the query's without enable_gqa) runs torch's function unchanged.
     """
