@@ -161,12 +161,6 @@ def attention_mode(dtype: torch.dtype, device: torch.device | str = "cpu", *, sc
     return "scores" if scores_ok and scores < _ATTENTION_MARGIN * flash else mode
 
 
-def attention_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype CPU attention on `dtype` inputs computes in (`attention_mode`): fp32 for the fp32 flash path,
-    `dtype` for the others."""
-    return torch.float32 if attention_mode(dtype, device) == "fp32" else dtype
-
-
 def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype to run a GEMM on `dtype` operands in: `dtype` itself, or fp32 where that is faster here."""
     if torch.device(device).type != "cpu" or dtype in (torch.float32, torch.float64):

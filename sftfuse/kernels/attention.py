@@ -64,6 +64,13 @@ def _causal_bias(t: int, s: int, g: int) -> torch.Tensor:
     return bias.repeat(g, 1)
 
 
+def additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool (True keeps) or float attention mask as the additive fp32 bias torch's function makes of it."""
+    if mask.is_floating_point():
+        return mask.detach().float()
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
+
+
 def _fold_mask(mask: torch.Tensor, b: int, hk: int, g: int):
     """A mask broadcastable to (B, Hq, T, S) (bool: True keeps; float: added) as an additive (B Hk | 1, G T, S)
     fp32 bias, and the rows whose keys are all masked ((B Hk | 1, G T, 1) bool) or None. The last mask
@@ -75,10 +82,7 @@ def _fold_mask(mask: torch.Tensor, b: int, hk: int, g: int):
     if _LAST_FOLD and _LAST_FOLD[0] is mask and _LAST_FOLD[1] == key:
         return _LAST_FOLD[2]
     *lead, t, s = mask.shape
-    bias = mask.reshape(*([1] * (2 - len(lead))), *lead, t, s)  # (Bm, Hm, T, S)
-    if bias.dtype == torch.bool:
-        bias = torch.zeros(bias.shape, device=bias.device).masked_fill_(~bias, float("-inf"))
-    bias = bias.float()
+    bias = additive_mask(mask.reshape(*([1] * (2 - len(lead))), *lead, t, s))  # (Bm, Hm, T, S)
     dead = (bias == float("-inf")).all(-1, keepdim=True)
     dead = dead if bool(dead.any()) else None
     if bias.shape[0] == 1 and bias.shape[1] == 1:  # one mask for every row: broadcast over B Hk
@@ -95,10 +99,13 @@ def _fold_mask(mask: torch.Tensor, b: int, hk: int, g: int):
 _LAST_FOLD: list = []  # [mask, its key, (bias, dead)]: `_fold_mask`'s one-entry cache
 
 
-def _fold(q, k):
+def _fold(q, k, v, scale):
+    """The sizes (B, Hk, G, T, S, D), the scale c, and q, k, v as (B Hk, G T, D), (B Hk, S, D), (B Hk, S, D)."""
     b, hq, t, d = q.shape
     hk, s = k.shape[1], k.shape[2]
-    return b, hk, hq // hk, t, s, d
+    g = hq // hk
+    views = q.reshape(b * hk, g * t, d), k.reshape(b * hk, s, d), v.reshape(b * hk, s, d)
+    return (b, hk, g, t, s, d), d**-0.5 if scale is None else scale, views
 
 
 def scores_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask=None,
@@ -106,9 +113,7 @@ def scores_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, a
     """(out (B, Hq, T, D), P (B Hk, G T, S)) in q's dtype, for q (B, Hq, T, D), k and v (B, Hk, S, D) of one
     dtype, Hq a multiple of Hk; attn_mask None, or a bool (True keeps) or additive float mask broadcastable to
     (B, Hq, T, S) (not with is_causal)."""
-    b, hk, g, t, s, d = _fold(q, k)
-    c = d**-0.5 if scale is None else scale
-    qf, kf, vf = q.reshape(b * hk, g * t, d), k.reshape(b * hk, s, d), v.reshape(b * hk, s, d)
+    (b, hk, g, t, s, d), c, (qf, kf, vf) = _fold(q, k, v, scale)
     dead = None
     if is_causal:
         bias = _causal_bias(t, s, g)
@@ -132,9 +137,7 @@ def scores_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                          scale: float | None = None, need=(True, True, True)):
     """(dq, dk, dv) in q's dtype (None where `need` says so) from the forward's P; dk and dv summed over each
     key/value head's group."""
-    b, hk, g, t, s, d = _fold(q, k)
-    c = d**-0.5 if scale is None else scale
-    qf, kf, vf = q.reshape(b * hk, g * t, d), k.reshape(b * hk, s, d), v.reshape(b * hk, s, d)
+    (b, hk, g, t, s, d), c, (qf, kf, vf) = _fold(q, k, v, scale)
     dof = dout.reshape(b * hk, g * t, d)
     dv = torch.bmm(p.transpose(1, 2), dof).view(b, hk, s, d) if need[2] else None
     dp = torch.bmm(dof, vf.transpose(1, 2))  # (B Hk, G T, S)

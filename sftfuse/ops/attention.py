@@ -139,8 +139,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if mode == "scores":  # the mask as given: the kernel folds it once for every layer
         return _ScoresAttentionFunction.apply(query, key, value, attn_mask, _AttnOptions(is_causal, scale))
     if attn_mask is not None:  # an additive fp32 bias, as torch's function hands a bool mask to this kernel
-        attn_mask = attn_mask.detach().float() if attn_mask.is_floating_point() else torch.zeros(
-            attn_mask.shape, device=attn_mask.device).masked_fill_(attn_mask.logical_not(), float("-inf"))
+        from sftfuse.kernels.attention import additive_mask
+
+        attn_mask = additive_mask(attn_mask)
     return _WideAttentionFunction.apply(query, key, value, attn_mask, _AttnOptions(is_causal, scale))
 
 

@@ -61,8 +61,8 @@ def test_plan_applies_its_choices_and_says_them(monkeypatch):
     assert tile & (tile - 1) == 0 and step & (step - 1) == 0 and step <= tile
     for choice, dtype in (("fp32", torch.float32), ("native", torch.bfloat16)):
         monkeypatch.setenv("SFTFUSE_CPU_GEMM", choice)
-        assert _cpu.gemm_dtype(torch.bfloat16) == _cpu.attention_dtype(torch.bfloat16) == dtype
-    assert _cpu.attention_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # GPUs are not this file's business
+        assert _cpu.gemm_dtype(torch.bfloat16) == dtype and _cpu.attention_mode(torch.bfloat16) == choice
+    assert _cpu.attention_mode(torch.bfloat16, "cuda") == "native"  # GPUs are not this file's business
 
 
 @pytest.mark.parametrize("bf16_ms,fp32_ms,scores_ms,expect", [
@@ -79,8 +79,7 @@ def test_attention_mode_takes_a_path_only_where_it_is_clearly_faster(monkeypatch
     assert _cpu.attention_mode(torch.bfloat16) == expect
     flash = _cpu.attention_mode(torch.bfloat16, scores_ok=False)
     assert flash == ("native" if bf16_ms < 0.8 * fp32_ms else "fp32")
-    assert _cpu.attention_dtype(torch.bfloat16) == (torch.float32 if expect == "fp32" else torch.bfloat16)
-    assert _cpu.attention_mode(torch.float32) == "native" and _cpu.attention_dtype(torch.float32) == torch.float32
+    assert _cpu.attention_mode(torch.float32) == "native"
 
 
 def test_attention_override(monkeypatch):
